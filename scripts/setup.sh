@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# One-time (and safe to re-run) project setup:
+#   1. a project-local virtualenv .venv with the PyPI torch wheel, whose libtorch tch links;
+#   2. the real data sets (MNIST, Fashion-MNIST) into data/, checksums verified;
+#   3. the release binary target/release/sgr.
+# After it, plain `cargo build`, `cargo test` and `cargo run --release -- ...` work with no
+# environment variables: .cargo/config.toml points LIBTORCH at .venv/libtorch and build.rs
+# adds an rpath to its lib folder.
+#
+# SGR_TORCH_INSTALL=light installs only torch and the two CUDA runtime libraries that
+# libtorch_cpu.so needs (1.3 GB instead of 4.7 GB); enough for the Rust side, but Python's
+# `import torch` (the PyTorch reference in bench/reference) then fails. Default: full.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# The one place the libtorch version is chosen; tch in Cargo.toml must be its binding release
+# (tch 0.24.x <-> torch 2.11.0).
+TORCH_VERSION=2.11.0
+CUDA_RUNTIME="13.0.*"   # torch 2.11.0 pins cuda-toolkit 13.0.2
+MODE="${SGR_TORCH_INSTALL:-full}"
+
+step() { printf '\n== %s\n' "$*"; }
+
+step "python virtualenv (.venv)"
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+installed="$(.venv/bin/python -c 'import importlib.metadata as m; print(m.version("torch"))' 2>/dev/null || true)"
+if [ "$MODE" = light ]; then
+  if [ "$installed" != "$TORCH_VERSION" ]; then
+    .venv/bin/pip install -q --no-deps "torch==$TORCH_VERSION"
+  fi
+  .venv/bin/pip install -q --no-deps "nvidia-cuda-runtime==$CUDA_RUNTIME" "nvidia-cuda-cupti==$CUDA_RUNTIME"
+else
+  # pip is a no-op when everything is already there.
+  .venv/bin/pip install -q "torch==$TORCH_VERSION"
+fi
+site="$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+site="${site#"$(pwd)/.venv/"}"
+ln -sfn "$site/torch" .venv/libtorch
+ln -sfn "$site/nvidia/cu13/lib" .venv/cuda-lib
+test -f .venv/libtorch/lib/libtorch_cpu.so || { echo "libtorch not found under .venv/libtorch" >&2; exit 1; }
+echo "torch $TORCH_VERSION ($MODE install), venv $(du -sh .venv | cut -f1)"
+
+step "data sets (data/)"
+DATA_DIR="${DATA_DIR:-data}" bash scripts/fetch-datasets.sh
+
+step "release build (target/release/sgr)"
+cargo build --release
+echo
+echo "setup done: try  target/release/sgr train --data fashion-mnist --model resnet20 --epochs 2 --out runs/first"

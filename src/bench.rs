@@ -1,0 +1,237 @@
+//! `sgr bench`: time and memory of training steps, each setting in its own process.
+//!
+//! Peak RSS is a per-process high-water mark, so every (rule, K) cell runs as a child
+//! `sgr bench worker` process on synthetic data of a fixed shape; the parent collects one JSON
+//! line from each and prints a table (or the rows as JSON with `--json`). Workers build the
+//! same `SplitNet`, `Sgd` and `Rule` as `sgr train`, so the step measured is the real one.
+use crate::data::Batch;
+use crate::memory::Meter;
+use crate::model::{Arch, FeatureShape, HeadKind, ModelSpec, SplitNet, SplitStrategy};
+use crate::optim::{Sgd, SgdConfig};
+use crate::rules::{self, RuleKind, SgrConfig};
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+
+/// One benchmark cell, as a worker measures it.
+#[derive(Debug, Clone, Serialize, Deserialize, clap::Args)]
+pub struct CellArgs {
+    /// Network.
+    #[arg(long, default_value = "resnet32")]
+    pub model: Arch,
+    /// Batch size.
+    #[arg(long, default_value_t = 128)]
+    pub batch_size: i64,
+    /// Input channels of the synthetic data.
+    #[arg(long, default_value_t = 3)]
+    pub channels: i64,
+    /// Input height and width of the synthetic data.
+    #[arg(long, default_value_t = 32)]
+    pub size: i64,
+    /// Classes of the synthetic data.
+    #[arg(long, default_value_t = 10)]
+    pub classes: i64,
+    /// Auxiliary head type.
+    #[arg(long, default_value = "conv")]
+    pub aux_head: HeadKind,
+    /// Split strategy.
+    #[arg(long, default_value = "table")]
+    pub split: SplitStrategy,
+    /// Timed steps per cell (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    pub steps: usize,
+    /// Untimed warm-up steps per cell.
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    /// libtorch CPU threads (0 = default).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// SGR λ.
+    #[arg(long, default_value_t = 1.0)]
+    pub lambda: f64,
+    /// SGR: apply the penalty every N steps.
+    #[arg(long, default_value_t = 1)]
+    pub sgr_every: usize,
+}
+
+/// One measured row.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Row {
+    /// Rule.
+    pub rule: RuleKind,
+    /// K.
+    pub modules: usize,
+    /// Batch size.
+    pub batch_size: i64,
+    /// Median milliseconds per training step (forward, backward, optimizer).
+    pub ms_per_step: f64,
+    /// Fastest step, ms.
+    pub ms_min: f64,
+    /// Peak RSS above the post-construction baseline, bytes.
+    pub peak_memory_bytes: u64,
+    /// Baseline RSS, bytes.
+    pub baseline_rss_bytes: u64,
+    /// Analytic activation bytes of the largest module.
+    pub largest_module_activation_bytes: i64,
+    /// `peak_memory_bytes` relative to the `bp` K=1 row of the same run (filled by the parent).
+    #[serde(default)]
+    pub memory_ratio_to_bp: f64,
+    /// `ms_per_step` relative to the `bp` K=1 row (filled by the parent).
+    #[serde(default)]
+    pub time_ratio_to_bp: f64,
+}
+
+/// Measures one cell in this process.
+pub fn measure(cell: &CellArgs, rule: RuleKind, modules: usize) -> Result<Row> {
+    if cell.threads > 0 {
+        tch::set_num_threads(cell.threads as i32);
+    }
+    tch::manual_seed(0);
+    let spec = ModelSpec {
+        arch: cell.model,
+        modules,
+        split: cell.split,
+        head: cell.aux_head,
+        input: FeatureShape {
+            c: cell.channels,
+            h: cell.size,
+            w: cell.size,
+        },
+        classes: cell.classes,
+    };
+    let net = SplitNet::new(&spec, Device::Cpu)?;
+    let mut opt = Sgd::new(&net.vs, SgdConfig::default());
+    let sgr = SgrConfig {
+        lambda: cell.lambda,
+        every: cell.sgr_every,
+        ..Default::default()
+    };
+    let rule_impl = rules::build(rule, &sgr);
+    let batch = Batch {
+        images: Tensor::randn(
+            [cell.batch_size, cell.channels, cell.size, cell.size],
+            (Kind::Float, Device::Cpu),
+        ),
+        labels: Tensor::randint(cell.classes, [cell.batch_size], (Kind::Int64, Device::Cpu)),
+    };
+    let meter = Meter::start();
+    let mut times = Vec::with_capacity(cell.steps);
+    for step in 0..cell.warmup + cell.steps {
+        let start = Instant::now();
+        opt.zero_grad();
+        rule_impl.step(&net, &batch, step)?;
+        opt.step(0.01);
+        if step >= cell.warmup {
+            times.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let largest = (0..net.num_modules())
+        .map(|k| net.module_activation_bytes(k, cell.batch_size))
+        .max()
+        .unwrap_or(0);
+    Ok(Row {
+        rule,
+        modules,
+        batch_size: cell.batch_size,
+        ms_per_step: times.get(times.len() / 2).copied().unwrap_or(f64::NAN),
+        ms_min: times.first().copied().unwrap_or(f64::NAN),
+        peak_memory_bytes: meter.peak_above_baseline(),
+        baseline_rss_bytes: meter.baseline(),
+        largest_module_activation_bytes: largest,
+        memory_ratio_to_bp: 0.0,
+        time_ratio_to_bp: 0.0,
+    })
+}
+
+/// Runs every (rule, K) cell in a child process of this binary, plus a `bp` K=1 reference row
+/// first; `repeats` alternates the whole set that many times and keeps each cell's median.
+pub fn run_grid(
+    cell: &CellArgs,
+    rules_list: &[RuleKind],
+    ks: &[usize],
+    repeats: usize,
+) -> Result<Vec<Row>> {
+    let exe = std::env::current_exe()
+        .map_err(|e| Error::Config(format!("cannot find the sgr binary: {e}")))?;
+    let mut cells: Vec<(RuleKind, usize)> = vec![(RuleKind::Bp, 1)];
+    for &rule in rules_list {
+        for &k in ks {
+            if !cells.contains(&(rule, k)) {
+                cells.push((rule, k));
+            }
+        }
+    }
+    // Validate every K before spending minutes on the first cells.
+    for &(_, k) in &cells {
+        crate::model::splits::split(cell.model, k, cell.split, &vec![1; cell.model.num_units()])?;
+    }
+    let cell_json = serde_json::to_string(cell).expect("cell serialises");
+    let mut samples: Vec<Vec<Row>> = vec![Vec::new(); cells.len()];
+    for _ in 0..repeats.max(1) {
+        for (i, &(rule, k)) in cells.iter().enumerate() {
+            let out = std::process::Command::new(&exe)
+                .args([
+                    "bench",
+                    "worker",
+                    "--cell",
+                    &cell_json,
+                    "--rule",
+                    rule.name(),
+                    "--modules",
+                    &k.to_string(),
+                ])
+                .output()
+                .map_err(|e| Error::Config(format!("cannot start a bench worker: {e}")))?;
+            if !out.status.success() {
+                return Err(Error::Config(format!(
+                    "bench worker for rule {rule} K={k} failed: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )));
+            }
+            let text = String::from_utf8_lossy(&out.stdout);
+            let row: Row = serde_json::from_str(text.trim())
+                .map_err(|e| Error::Config(format!("bad worker output ({e}): {text}")))?;
+            samples[i].push(row);
+        }
+    }
+    let mut rows: Vec<Row> = samples
+        .into_iter()
+        .map(|mut rs| {
+            rs.sort_by(|a, b| a.ms_per_step.total_cmp(&b.ms_per_step));
+            let mut row = rs[rs.len() / 2].clone();
+            let mut peaks: Vec<u64> = rs.iter().map(|r| r.peak_memory_bytes).collect();
+            peaks.sort();
+            row.peak_memory_bytes = peaks[peaks.len() / 2];
+            row
+        })
+        .collect();
+    let (bp_mem, bp_ms) = (rows[0].peak_memory_bytes as f64, rows[0].ms_per_step);
+    for r in &mut rows {
+        r.memory_ratio_to_bp = r.peak_memory_bytes as f64 / bp_mem.max(1.0);
+        r.time_ratio_to_bp = r.ms_per_step / bp_ms;
+    }
+    Ok(rows)
+}
+
+/// Renders rows as a Markdown table.
+pub fn table(rows: &[Row]) -> String {
+    let mib = |b: f64| b / (1024.0 * 1024.0);
+    let mut s = String::from(
+        "| rule | K | ms/step | time vs bp | peak MiB | memory vs bp | largest module activations MiB |\n|---|---|---|---|---|---|---|\n",
+    );
+    for r in rows {
+        s.push_str(&format!(
+            "| {} | {} | {:.0} | {:.2} | {:.0} | {:.2} | {:.1} |\n",
+            r.rule,
+            r.modules,
+            r.ms_per_step,
+            r.time_ratio_to_bp,
+            mib(r.peak_memory_bytes as f64),
+            r.memory_ratio_to_bp,
+            mib(r.largest_module_activation_bytes as f64)
+        ));
+    }
+    s
+}

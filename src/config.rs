@@ -1,0 +1,402 @@
+//! The training configuration: one flat set of fields, given as command-line flags, in a TOML
+//! file (`--config`, same field names with `_`), or both (flags win), and saved resolved in every
+//! run folder as `config.json`.
+//!
+//! [`TrainOptions`] is what a user typed (every field optional); [`TrainConfig`] is the resolved
+//! configuration with defaults filled in. Both are the same field list, so a flag and a config
+//! key can never drift apart.
+use crate::data::DatasetKind;
+use crate::model::{Arch, FeatureShape, HeadKind, ModelSpec, SplitStrategy};
+use crate::optim::SgdConfig;
+use crate::rules::{RuleKind, SgrConfig, SgrDistance, SgrGrad};
+use crate::schedule::{Schedule, ScheduleKind};
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// What to do when a loss or gradient becomes NaN or infinite.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnNan {
+    /// Stop with an error, keeping the last good checkpoint.
+    #[default]
+    Stop,
+    /// Skip the batch's update and go on (stops after 10 consecutive bad batches).
+    SkipBatch,
+}
+
+/// Compute device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeviceKind {
+    /// The CPU.
+    #[default]
+    Cpu,
+    /// The first CUDA GPU (needs a build with `--features cuda`).
+    Cuda,
+}
+
+macro_rules! config_fields {
+    ($( $(#[doc = $doc:literal])* $([arg($($arg:tt)*)])? $name:ident : $ty:ty = $default:expr ; )*) => {
+        /// A fully resolved training configuration (saved as `config.json` in the run folder).
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct TrainConfig {
+            $( $(#[doc = $doc])* pub $name: $ty, )*
+        }
+
+        impl Default for TrainConfig {
+            fn default() -> Self {
+                TrainConfig { $( $name: $default, )* }
+            }
+        }
+
+        /// Training options as typed: flags, or keys of a `--config` TOML file. Unset fields
+        /// take the value from the file, then the default.
+        #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, clap::Args)]
+        #[serde(deny_unknown_fields)]
+        pub struct TrainOptions {
+            $(
+                $(#[doc = $doc])*
+                #[arg(long $(, $($arg)*)?)]
+                #[serde(default, skip_serializing_if = "Option::is_none")]
+                pub $name: Option<$ty>,
+            )*
+        }
+    };
+}
+
+config_fields! {
+    /// Data set [default: fashion-mnist]
+    data: DatasetKind = DatasetKind::FashionMnist;
+    /// Folder holding the data sets [default: data]
+    data_dir: PathBuf = PathBuf::from("data");
+    /// Network [default: resnet32]
+    model: Arch = Arch::Resnet32;
+    /// Training rule [default: bp]
+    rule: RuleKind = RuleKind::Bp;
+    /// Number of gradient-isolated modules K [default: 1]
+    modules: usize = 1;
+    /// How units are divided among modules [default: table]
+    split: SplitStrategy = SplitStrategy::Table;
+    /// Auxiliary head of modules 1..K-1 [default: conv]
+    aux_head: HeadKind = HeadKind::Conv;
+    /// Epochs [default: 10]
+    epochs: usize = 10;
+    /// Mini-batch size [default: 128]
+    batch_size: i64 = 128;
+    /// Base learning rate [default: 0.1]
+    lr: f64 = 0.1;
+    /// SGD momentum [default: 0.9]
+    momentum: f64 = 0.9;
+    /// Nesterov momentum [default: false]
+    nesterov: bool = false;
+    /// Weight decay [default: 5e-4]
+    weight_decay: f64 = 5e-4;
+    /// Apply weight decay to BatchNorm parameters and biases too [default: false]
+    decay_bn_and_bias: bool = false;
+    /// LR schedule [default: cosine]
+    schedule: ScheduleKind = ScheduleKind::Cosine;
+    /// Linear warm-up epochs (fractional allowed) [default: 0]
+    warmup_epochs: f64 = 0.0;
+    /// Step-schedule milestone epochs, comma-separated [default: none]
+    [arg(value_delimiter = ',')]
+    milestones: Vec<usize> = Vec::new();
+    /// Step-schedule decay factor [default: 0.1]
+    gamma: f64 = 0.1;
+    /// Random seed (weights, shuffling, augmentation) [default: 0]
+    seed: u64 = 0;
+    /// CPU threads for libtorch (0 = libtorch's default) [default: 0]
+    threads: usize = 0;
+    /// Train on the first N training images only (0 = all) [default: 0]
+    train_subset: usize = 0;
+    /// Evaluate on the first N test images only (0 = all) [default: 0]
+    test_subset: usize = 0;
+    /// Data augmentation (crop, plus flip for CIFAR) [default: true]
+    augment: bool = true;
+    /// Stop each epoch after N steps (0 = full epochs; for smoke tests and benchmarks) [default: 0]
+    max_steps_per_epoch: usize = 0;
+    /// SGR penalty weight λ [default: 1.0]
+    lambda: f64 = 1.0;
+    /// SGR gradient distance [default: l2]
+    sgr_distance: SgrDistance = SgrDistance::L2;
+    /// First module (1-based) that SGR regularises [default: 2]
+    sgr_from: usize = 2;
+    /// Apply the SGR penalty every N steps [default: 1]
+    sgr_every: usize = 1;
+    /// SGR penalty gradient: exact double backward or finite difference [default: exact]
+    sgr_grad: SgrGrad = SgrGrad::Exact;
+    /// Relative finite-difference step of --sgr-grad fd [default: 1e-3]
+    fd_eps: f64 = 1e-3;
+    /// Measure gradient discord every N steps (0 = never) [default: 50]
+    diag_every: usize = 50;
+    /// What to do on a NaN/Inf loss or gradient [default: stop]
+    on_nan: OnNan = OnNan::Stop;
+    /// Compute device [default: cpu]
+    device: DeviceKind = DeviceKind::Cpu;
+}
+
+/// Fields that may differ from the saved config when a run is resumed.
+const RESUMABLE_OVERRIDES: &[&str] = &[
+    "epochs",
+    "threads",
+    "data_dir",
+    "diag_every",
+    "on_nan",
+    "device",
+];
+
+fn overlay(base: &mut serde_json::Value, top: serde_json::Value) {
+    if let (Some(b), serde_json::Value::Object(t)) = (base.as_object_mut(), top) {
+        for (k, v) in t {
+            b.insert(k, v);
+        }
+    }
+}
+
+/// Reads a `--config` TOML file; unknown keys and bad values are errors naming the file, line
+/// and key.
+pub fn read_options_file(path: &Path) -> Result<TrainOptions> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    parse_options(&text).map_err(|reason| Error::Config(format!("{}: {reason}", path.display())))
+}
+
+/// Parses TOML config text into options; the error is one line (`line N: message`).
+pub fn parse_options(text: &str) -> std::result::Result<TrainOptions, String> {
+    toml::from_str::<TrainOptions>(text).map_err(|e| {
+        let line = e
+            .span()
+            .map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+        let msg = e.message().replace('\n', " ");
+        match line {
+            Some(l) => format!("line {l}: {msg}"),
+            None => msg,
+        }
+    })
+}
+
+impl TrainConfig {
+    /// Resolves `flags` over `file` over the defaults (or over `saved`, when resuming).
+    pub fn resolve(
+        flags: &TrainOptions,
+        file: Option<&TrainOptions>,
+        saved: Option<&TrainConfig>,
+    ) -> Result<Self> {
+        let mut merged = match saved {
+            Some(s) => to_value(s),
+            None => to_value(&TrainConfig::default()),
+        };
+        if let Some(saved) = saved {
+            // A resumed run is the same run: only harmless fields may change.
+            let flags_value = to_value(flags);
+            let saved_value = to_value(saved);
+            for (key, value) in flags_value.as_object().into_iter().flatten() {
+                if !RESUMABLE_OVERRIDES.contains(&key.as_str())
+                    && saved_value.get(key) != Some(value)
+                {
+                    return Err(Error::Config(format!(
+                        "--{} cannot change when resuming (the run has {}); only {} may",
+                        key.replace('_', "-"),
+                        saved_value
+                            .get(key)
+                            .map(|v| v.to_string())
+                            .unwrap_or_default(),
+                        RESUMABLE_OVERRIDES.join(", ")
+                    )));
+                }
+            }
+        }
+        if let Some(file) = file {
+            overlay(&mut merged, to_value(file));
+        }
+        overlay(&mut merged, to_value(flags));
+        let cfg: TrainConfig = serde_json::from_value(merged)
+            .map_err(|e| Error::Config(format!("bad configuration: {e}")))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks values that types alone do not rule out.
+    pub fn validate(&self) -> Result<()> {
+        let fail = |flag: &str, why: &str| Err(Error::Config(format!("--{flag}: {why}")));
+        if self.epochs == 0 {
+            return fail("epochs", "must be at least 1");
+        }
+        if self.batch_size < 2 {
+            return fail(
+                "batch-size",
+                "must be at least 2 (BatchNorm needs two samples)",
+            );
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return fail("lr", "must be a positive number");
+        }
+        if !(0.0..1.0).contains(&self.momentum) {
+            return fail("momentum", "must be in [0, 1)");
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return fail("weight-decay", "must be >= 0");
+        }
+        if !(self.lambda.is_finite() && self.lambda >= 0.0) {
+            return fail("lambda", "must be >= 0");
+        }
+        if self.modules == 0 {
+            return fail("modules", "must be at least 1");
+        }
+        if self.sgr_every == 0 {
+            return fail("sgr-every", "must be at least 1");
+        }
+        if self.sgr_from < 2 {
+            return fail(
+                "sgr-from",
+                "must be at least 2 (module 1 has no predecessor)",
+            );
+        }
+        if !(self.fd_eps.is_finite() && self.fd_eps > 0.0) {
+            return fail("fd-eps", "must be a positive number");
+        }
+        if !(self.warmup_epochs.is_finite() && self.warmup_epochs >= 0.0) {
+            return fail("warmup-epochs", "must be >= 0");
+        }
+        Ok(())
+    }
+
+    /// The model to build for data of `input` shape and `classes` classes.
+    pub fn model_spec(&self, input: FeatureShape, classes: i64) -> ModelSpec {
+        ModelSpec {
+            arch: self.model,
+            modules: self.modules,
+            split: self.split,
+            head: self.aux_head,
+            input,
+            classes,
+        }
+    }
+
+    /// Optimizer settings.
+    pub fn sgd(&self) -> SgdConfig {
+        SgdConfig {
+            momentum: self.momentum,
+            nesterov: self.nesterov,
+            weight_decay: self.weight_decay,
+            decay_bn_and_bias: self.decay_bn_and_bias,
+        }
+    }
+
+    /// LR schedule.
+    pub fn schedule(&self) -> Schedule {
+        Schedule {
+            kind: self.schedule,
+            lr: self.lr,
+            warmup_epochs: self.warmup_epochs,
+            milestones: self.milestones.clone(),
+            gamma: self.gamma,
+        }
+    }
+
+    /// SGR settings.
+    pub fn sgr(&self) -> SgrConfig {
+        SgrConfig {
+            lambda: self.lambda,
+            distance: self.sgr_distance,
+            from: self.sgr_from,
+            every: self.sgr_every,
+            grad: self.sgr_grad,
+            fd_eps: self.fd_eps,
+        }
+    }
+
+    /// The libtorch device.
+    pub fn tch_device(&self) -> Result<tch::Device> {
+        match self.device {
+            DeviceKind::Cpu => Ok(tch::Device::Cpu),
+            DeviceKind::Cuda if tch::Cuda::is_available() => Ok(tch::Device::Cuda(0)),
+            DeviceKind::Cuda => Err(Error::Config(
+                "--device cuda: no CUDA device is available (or the binary was built without --features cuda)".into(),
+            )),
+        }
+    }
+}
+
+fn to_value<T: Serialize>(v: &T) -> serde_json::Value {
+    serde_json::to_value(v).expect("config serialises")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_file_override_defaults() {
+        let file = parse_options("lr = 0.05\nepochs = 3\nmodel = \"resnet20\"\n").unwrap();
+        let flags = TrainOptions {
+            lr: Some(0.2),
+            ..Default::default()
+        };
+        let cfg = TrainConfig::resolve(&flags, Some(&file), None).unwrap();
+        assert_eq!(cfg.lr, 0.2);
+        assert_eq!(cfg.epochs, 3);
+        assert_eq!(cfg.model, Arch::Resnet20);
+        assert_eq!(cfg.batch_size, TrainConfig::default().batch_size);
+    }
+
+    #[test]
+    fn unknown_or_bad_config_keys_name_the_key_and_line() {
+        let e = parse_options("lr = 0.1\nlearning_rate = 0.1\n").unwrap_err();
+        assert!(e.contains("learning_rate") && e.contains("line 2"), "{e}");
+        let e = parse_options("model = \"resnet33\"\n").unwrap_err();
+        assert!(e.contains("resnet33"), "{e}");
+        assert!(!e.contains('\n'));
+    }
+
+    #[test]
+    fn resume_refuses_to_change_the_run_identity() {
+        let saved = TrainConfig {
+            rule: RuleKind::Dgl,
+            modules: 4,
+            ..Default::default()
+        };
+        let flags = TrainOptions {
+            modules: Some(8),
+            ..Default::default()
+        };
+        let e = TrainConfig::resolve(&flags, None, Some(&saved))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--modules"), "{e}");
+        let flags = TrainOptions {
+            epochs: Some(20),
+            modules: Some(4),
+            ..Default::default()
+        };
+        let cfg = TrainConfig::resolve(&flags, None, Some(&saved)).unwrap();
+        assert_eq!((cfg.epochs, cfg.modules, cfg.rule), (20, 4, RuleKind::Dgl));
+    }
+
+    #[test]
+    fn invalid_values_are_rejected() {
+        for flags in [
+            TrainOptions {
+                lr: Some(-1.0),
+                ..Default::default()
+            },
+            TrainOptions {
+                batch_size: Some(1),
+                ..Default::default()
+            },
+            TrainOptions {
+                sgr_from: Some(1),
+                ..Default::default()
+            },
+            TrainOptions {
+                epochs: Some(0),
+                ..Default::default()
+            },
+        ] {
+            assert!(
+                TrainConfig::resolve(&flags, None, None).is_err(),
+                "{flags:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,77 @@
+//! Gradient-discord diagnostics, measured the same way under every rule.
+//!
+//! At boundary b (between modules b-1 and b) the theory says training converges only if module
+//! b's local-loss gradient w.r.t. its input, `g_in_b = ∂L_b/∂h_{b-1}`, agrees with module b-1's
+//! local-loss gradient w.r.t. its output, `g_out_{b-1} = ∂L_{b-1}/∂h_{b-1}`. We report their
+//! cosine and relative L2 distance, and how well the local signal `g_out_{b-1}` matches what
+//! global back-propagation would deliver at `h_{b-1}` (`∂L_K/∂h_{b-1}`).
+//!
+//! The measurement costs one extra forward/backward per module plus one global forward/backward;
+//! BatchNorm running statistics are restored afterwards, and no parameter gradient is touched.
+use crate::data::Batch;
+use crate::model::SplitNet;
+use crate::rules::cross_entropy;
+use tch::{Kind, Tensor};
+
+/// Discord measures at every boundary (index b-1 for the boundary before module b).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Discord {
+    /// cos(g_in_b, g_out_{b-1}).
+    pub grad_cosine: Vec<f64>,
+    /// ‖g_in_b − g_out_{b-1}‖ / ‖g_out_{b-1}‖.
+    pub grad_rel_distance: Vec<f64>,
+    /// cos(g_out_{b-1}, ∂L_K/∂h_{b-1}): local signal vs the global-BP gradient.
+    pub bp_cosine: Vec<f64>,
+}
+
+fn cosine(a: &Tensor, b: &Tensor) -> f64 {
+    let dot = (a * b).sum(Kind::Double).double_value(&[]);
+    let na = a.norm().double_value(&[]);
+    let nb = b.norm().double_value(&[]);
+    dot / (na * nb).max(1e-30)
+}
+
+/// Measures [`Discord`] for `net` on `batch` without changing parameters, gradients or
+/// BatchNorm statistics. Returns empty vectors when K = 1.
+pub fn measure(net: &SplitNet, batch: &Batch) -> Discord {
+    let modules = net.num_modules();
+    if modules < 2 {
+        return Discord::default();
+    }
+    net.with_frozen_buffers(|| {
+        // Local gradients: each module on its detached input, as the local rules see it.
+        let mut input_grads = Vec::with_capacity(modules);
+        let mut output_grads = Vec::with_capacity(modules);
+        let mut h = batch.images.shallow_clone();
+        for k in 0..modules {
+            let h_in = h.detach().set_requires_grad(true);
+            let h_out = net.forward_module(k, &h_in, true);
+            let loss = cross_entropy(&net.head_logits(k, &h_out, true), &batch.labels);
+            let mut g = Tensor::run_backward(&[&loss], &[&h_in, &h_out], false, false);
+            output_grads.push(g.pop().unwrap());
+            input_grads.push(g.pop().unwrap());
+            h = h_out.detach();
+        }
+        // Global gradients at every boundary: one end-to-end forward with the graph kept.
+        let mut boundaries = Vec::with_capacity(modules - 1);
+        let mut h = batch.images.shallow_clone();
+        for k in 0..modules {
+            h = net.forward_module(k, &h, true);
+            if k + 1 < modules {
+                boundaries.push(h.shallow_clone());
+            }
+        }
+        let loss = cross_entropy(&net.head_logits(modules - 1, &h, true), &batch.labels);
+        let global = Tensor::run_backward(&[&loss], &boundaries, false, false);
+        let mut d = Discord::default();
+        for b in 1..modules {
+            let (g_in, g_out) = (&input_grads[b], &output_grads[b - 1]);
+            d.grad_cosine.push(cosine(g_in, g_out));
+            let rel =
+                (g_in - g_out).norm().double_value(&[]) / g_out.norm().double_value(&[]).max(1e-30);
+            d.grad_rel_distance.push(rel);
+            d.bp_cosine.push(cosine(g_out, &global[b - 1]));
+        }
+        d
+    })
+}

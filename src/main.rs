@@ -1,0 +1,295 @@
+//! The `sgr` command line: train, evaluate, inspect data, benchmark.
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use sgr::bench::{self, CellArgs};
+use sgr::config::{self, TrainConfig, TrainOptions};
+use sgr::data::{self, DatasetKind};
+use sgr::rules::RuleKind;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+/// Local learning with Successive Gradient Reconciliation (SGR) on libtorch.
+#[derive(Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a network with a rule (bp, dgl, sgr) into a run folder.
+    Train {
+        /// Run folder (metrics.jsonl, checkpoint.safetensors, summary.json).
+        #[arg(long)]
+        out: PathBuf,
+        /// TOML file with the same fields as the flags (flags win).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Continue the run in --out from its checkpoint.
+        #[arg(long)]
+        resume: bool,
+        /// No progress bar or per-epoch lines.
+        #[arg(long)]
+        quiet: bool,
+        #[command(flatten)]
+        options: TrainOptions,
+    },
+    /// Print the test accuracy of a checkpoint (every head).
+    Eval {
+        /// A checkpoint written by `sgr train`.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Data set (default: the one the run was trained on).
+        #[arg(long)]
+        data: Option<DatasetKind>,
+        /// Data folder (default: the run's).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Evaluation batch size.
+        #[arg(long, default_value_t = 256)]
+        batch_size: i64,
+    },
+    /// Inspect data sets.
+    Data {
+        #[command(subcommand)]
+        command: DataCommand,
+    },
+    /// Benchmark training steps (each setting in its own process).
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Sample counts, per-class counts and per-channel mean/std of both splits.
+    Info {
+        /// Data set.
+        #[arg(long)]
+        data: DatasetKind,
+        /// Data folder.
+        #[arg(long, default_value = "data")]
+        data_dir: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct GridArgs {
+    /// Rules, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "dgl")]
+    rule: Vec<RuleKind>,
+    /// K values, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16")]
+    modules: Vec<usize>,
+    /// Run the whole grid this many times, alternating cells, and keep medians.
+    #[arg(long, default_value_t = 1)]
+    repeats: usize,
+    /// Print the rows as a JSON array.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    cell: CellArgs,
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Peak training memory per K (and rule), with ratios to global BP.
+    Memory(GridArgs),
+    /// Milliseconds per training step and peak memory per rule and K.
+    Step(GridArgs),
+    /// Internal: measure one cell and print it as JSON.
+    #[command(hide = true)]
+    Worker {
+        #[arg(long)]
+        cell: String,
+        #[arg(long)]
+        rule: RuleKind,
+        #[arg(long)]
+        modules: usize,
+    },
+}
+
+fn train(
+    out: &Path,
+    config_file: Option<&Path>,
+    resume: bool,
+    quiet: bool,
+    flags: &TrainOptions,
+) -> Result<()> {
+    let file = config_file.map(config::read_options_file).transpose()?;
+    let config_json = out.join("config.json");
+    let cfg = if resume {
+        let text = std::fs::read_to_string(&config_json)
+            .with_context(|| format!("--resume: no run to resume in {}", out.display()))?;
+        let saved: TrainConfig = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a valid run configuration", config_json.display()))?;
+        TrainConfig::resolve(flags, file.as_ref(), Some(&saved))?
+    } else {
+        for existing in ["checkpoint.safetensors", "summary.json", "metrics.jsonl"] {
+            if out.join(existing).exists() {
+                bail!(
+                    "{} already holds a run ({existing}); pass --resume to continue it or choose another --out",
+                    out.display()
+                );
+            }
+        }
+        TrainConfig::resolve(flags, file.as_ref(), None)?
+    };
+    // Fail on an unwritable folder before any training time is spent.
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("cannot create run folder {}", out.display()))?;
+    sgr::checkpoint::write_atomic(&config_json, &serde_json::to_vec_pretty(&cfg)?)?;
+    let summary = sgr::train::run(&cfg, out, resume, quiet)?;
+    println!(
+        "{} {} K={} on {}: test accuracy {:.2}% (best {:.2}%), {:.0} img/s, peak memory {:.0} MiB -> {}",
+        summary.rule,
+        summary.model,
+        summary.modules,
+        summary.dataset,
+        100.0 * summary.test_accuracy,
+        100.0 * summary.best_test_accuracy,
+        summary.images_per_second,
+        summary.peak_memory_bytes as f64 / (1024.0 * 1024.0),
+        out.join("summary.json").display()
+    );
+    Ok(())
+}
+
+fn eval(
+    path: &Path,
+    data: Option<DatasetKind>,
+    data_dir: Option<PathBuf>,
+    batch_size: i64,
+) -> Result<()> {
+    let (vars, _, state) = sgr::checkpoint::load(path)?;
+    let state = state.with_context(|| {
+        format!(
+            "{}: has no run configuration (not written by `sgr train`)",
+            path.display()
+        )
+    })?;
+    let mut cfg: TrainConfig = serde_json::from_value(state.config)
+        .with_context(|| format!("{}: bad run configuration", path.display()))?;
+    if let Some(d) = data {
+        cfg.data = d;
+    }
+    if let Some(d) = data_dir {
+        cfg.data_dir = d;
+    }
+    cfg.test_subset = 0;
+    let ds = sgr::train::load_data(&cfg)?;
+    let net = sgr::train::build_net(&cfg, &ds)?;
+    sgr::checkpoint::load_into(&net, path, &vars, false)?;
+    let e = sgr::train::evaluate(&net, &ds, &ds.test, batch_size);
+    let acc = e.module_accuracy.last().copied().unwrap_or(0.0);
+    println!(
+        "test accuracy {:.2}% ({} test images, epoch {})",
+        100.0 * acc,
+        ds.test.len(),
+        state.epoch
+    );
+    if e.module_accuracy.len() > 1 {
+        let heads: Vec<String> = e
+            .module_accuracy
+            .iter()
+            .map(|a| format!("{:.2}%", 100.0 * a))
+            .collect();
+        println!("per-module head accuracy: {}", heads.join(" "));
+    }
+    Ok(())
+}
+
+fn grid(args: &GridArgs) -> Result<()> {
+    let rows = bench::run_grid(&args.cell, &args.rule, &args.modules, args.repeats)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        println!(
+            "{} batch {} input {}x{}x{}, median of {} steps after {} warm-up, {} repeat(s)",
+            args.cell.model,
+            args.cell.batch_size,
+            args.cell.channels,
+            args.cell.size,
+            args.cell.size,
+            args.cell.steps,
+            args.cell.warmup,
+            args.repeats
+        );
+        print!("{}", bench::table(&rows));
+    }
+    Ok(())
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Train {
+            out,
+            config,
+            resume,
+            quiet,
+            options,
+        } => train(&out, config.as_deref(), resume, quiet, &options),
+        Command::Eval {
+            checkpoint,
+            data,
+            data_dir,
+            batch_size,
+        } => eval(&checkpoint, data, data_dir, batch_size),
+        Command::Data {
+            command:
+                DataCommand::Info {
+                    data,
+                    data_dir,
+                    json,
+                },
+        } => {
+            let ds = data::load(data, &data_dir)?;
+            let info = data::info(&ds);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&info)?);
+            } else {
+                print!("{info}");
+            }
+            Ok(())
+        }
+        Command::Bench { command } => match command {
+            BenchCommand::Memory(args) | BenchCommand::Step(args) => grid(&args),
+            BenchCommand::Worker {
+                cell,
+                rule,
+                modules,
+            } => {
+                let cell: CellArgs = serde_json::from_str(&cell)?;
+                let row = bench::measure(&cell, rule, modules)?;
+                println!("{}", serde_json::to_string(&row)?);
+                Ok(())
+            }
+        },
+    }
+}
+
+fn main() -> ExitCode {
+    // A panic is a bug in sgr; say so in one line instead of a backtrace.
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("unknown panic");
+        let first = msg.lines().next().unwrap_or(msg);
+        eprintln!("error: internal error (please report): {first}");
+    }));
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+            ExitCode::FAILURE
+        }
+    }
+}

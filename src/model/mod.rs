@@ -1,0 +1,248 @@
+//! Networks as ordered units, cut into K gradient-isolated modules with a classifier head each.
+//!
+//! [`SplitNet`] is the only type the rules see: `forward_module(k, x)` runs module k's units,
+//! `head_logits(k, h)` its head (an auxiliary classifier for k < K-1, the network's own
+//! classifier for the last module). All variables live in one `VarStore`, so a checkpoint is
+//! one file, and backbone names do not depend on K.
+pub mod heads;
+pub mod resnet;
+pub mod splits;
+
+pub use heads::{Head, HeadKind};
+pub use resnet::Arch;
+pub use splits::SplitStrategy;
+
+use crate::Result;
+use serde::{Deserialize, Serialize};
+use std::ops::Range;
+use tch::{Device, Tensor, nn, nn::ModuleT};
+
+/// Shape of one sample's feature map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FeatureShape {
+    /// Channels.
+    pub c: i64,
+    /// Height.
+    pub h: i64,
+    /// Width.
+    pub w: i64,
+}
+
+impl FeatureShape {
+    /// Elements per sample.
+    pub fn elems(&self) -> i64 {
+        self.c * self.h * self.w
+    }
+}
+
+/// Everything needed to build a [`SplitNet`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelSpec {
+    /// Network.
+    pub arch: Arch,
+    /// Number of modules K (1 = the whole network is one module).
+    pub modules: usize,
+    /// How units are divided among modules.
+    pub split: SplitStrategy,
+    /// Auxiliary head type for modules 1..K-1.
+    pub head: HeadKind,
+    /// Input shape (from the data set).
+    pub input: FeatureShape,
+    /// Number of classes (from the data set).
+    pub classes: i64,
+}
+
+/// A network cut into K modules, each with a classifier head.
+pub struct SplitNet {
+    /// Every variable: backbone, classifier `fc`, auxiliary heads `aux.{unit}.*`.
+    pub vs: nn::VarStore,
+    /// What was built.
+    pub spec: ModelSpec,
+    units: Vec<resnet::UnitSpec>,
+    modules: Vec<Range<usize>>,
+    heads: Vec<Head>,
+}
+
+impl std::fmt::Debug for SplitNet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SplitNet")
+            .field("spec", &self.spec)
+            .field("modules", &self.modules)
+            .finish()
+    }
+}
+
+impl SplitNet {
+    /// Builds the network on `device` with tch's current global seed.
+    pub fn new(spec: &ModelSpec, device: Device) -> Result<Self> {
+        let vs = nn::VarStore::new(device);
+        let root = vs.root();
+        let units = resnet::units(&root, spec.arch, spec.input);
+        let weights: Vec<i64> = units.iter().map(|u| u.activation_elems).collect();
+        let modules = splits::split(spec.arch, spec.modules, spec.split, &weights)?;
+        let mut heads = Vec::with_capacity(modules.len());
+        for range in &modules[..modules.len() - 1] {
+            let last = range.end - 1;
+            let p = &root / "aux" / last;
+            heads.push(Head::new(&p, spec.head, units[last].out, spec.classes));
+        }
+        heads.push(Head::classifier(&root, resnet::final_width(), spec.classes));
+        Ok(SplitNet {
+            vs,
+            spec: spec.clone(),
+            units,
+            modules,
+            heads,
+        })
+    }
+
+    /// K.
+    pub fn num_modules(&self) -> usize {
+        self.modules.len()
+    }
+
+    /// The unit range of every module.
+    pub fn module_ranges(&self) -> &[Range<usize>] {
+        &self.modules
+    }
+
+    /// Device of the variables.
+    pub fn device(&self) -> Device {
+        self.vs.device()
+    }
+
+    /// Runs module `k`'s units on `x`.
+    ///
+    /// # Shapes
+    /// `[B, C_in, H, W]` -> `[B, C_k, H_k, W_k]`.
+    pub fn forward_module(&self, k: usize, x: &Tensor, train: bool) -> Tensor {
+        let range = self.modules[k].clone();
+        let mut h = self.units[range.start].layer.forward_t(x, train);
+        for unit in &self.units[range.start + 1..range.end] {
+            h = unit.layer.forward_t(&h, train);
+        }
+        h
+    }
+
+    /// Logits of module `k`'s head on its output `h`: `[B, C_k, H_k, W_k]` -> `[B, classes]`.
+    pub fn head_logits(&self, k: usize, h: &Tensor, train: bool) -> Tensor {
+        self.heads[k].forward_t(h, train)
+    }
+
+    /// The whole network end to end (the last module's classifier): `[B, C, H, W]` -> logits.
+    pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        let mut h = x.shallow_clone();
+        for unit in &self.units {
+            h = unit.layer.forward_t(&h, train);
+        }
+        self.heads[self.num_modules() - 1].forward_t(&h, train)
+    }
+
+    /// Output shape of module `k` for one sample.
+    pub fn module_output_shape(&self, k: usize) -> FeatureShape {
+        self.units[self.modules[k].end - 1].out
+    }
+
+    /// Analytic activation bytes module `k` keeps alive for backward at batch size `batch`
+    /// (f32): its input, the intermediates its units and its head create.
+    pub fn module_activation_bytes(&self, k: usize, batch: i64) -> i64 {
+        let range = self.modules[k].clone();
+        let input = if range.start == 0 {
+            self.spec.input.elems()
+        } else {
+            self.units[range.start - 1].out.elems()
+        };
+        let units: i64 = self.units[range].iter().map(|u| u.activation_elems).sum();
+        let head_kind = if k + 1 == self.num_modules() {
+            HeadKind::Linear
+        } else {
+            self.spec.head
+        };
+        let head = Head::activation_elems(head_kind, self.module_output_shape(k));
+        4 * batch * (input + units + head)
+    }
+
+    /// Parameter count of every head, by variable prefix (`aux.{unit}` or `fc`).
+    pub fn head_parameter_counts(&self) -> Vec<(String, i64)> {
+        let mut prefixes: Vec<String> = self.modules[..self.num_modules() - 1]
+            .iter()
+            .map(|r| format!("aux.{}.", r.end - 1))
+            .collect();
+        prefixes.push("fc.".into());
+        let vars = self.vs.variables();
+        prefixes
+            .into_iter()
+            .map(|p| {
+                let n = vars
+                    .iter()
+                    .filter(|(k, _)| k.starts_with(&p))
+                    .map(|(_, t)| t.numel() as i64)
+                    .sum();
+                (p.trim_end_matches('.').to_string(), n)
+            })
+            .collect()
+    }
+
+    /// Variable-name prefixes of module `k`: its units and its head.
+    fn module_prefixes(&self, k: usize) -> Vec<String> {
+        let range = self.modules[k].clone();
+        let mut prefixes: Vec<String> = self.units[range.clone()]
+            .iter()
+            .flat_map(|u| u.prefixes.iter().cloned())
+            .collect();
+        prefixes.push(if k + 1 == self.num_modules() {
+            "fc.".to_string()
+        } else {
+            format!("aux.{}.", range.end - 1)
+        });
+        prefixes
+    }
+
+    /// Module `k`'s variables (units and head), sorted by name; `trainable` selects parameters
+    /// (true) or buffers such as BatchNorm running statistics (false).
+    pub fn module_variables(&self, k: usize, trainable: bool) -> Vec<(String, Tensor)> {
+        let prefixes = self.module_prefixes(k);
+        let mut vars: Vec<(String, Tensor)> = self
+            .vs
+            .variables()
+            .into_iter()
+            .filter(|(name, t)| {
+                t.requires_grad() == trainable && prefixes.iter().any(|p| name.starts_with(p))
+            })
+            .collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        vars
+    }
+
+    /// Runs `f` and then restores every buffer (BatchNorm running statistics) to its value
+    /// before `f`: extra forward passes made for diagnostics or finite differences must not
+    /// count as training steps of the running statistics.
+    pub fn with_frozen_buffers<T>(&self, f: impl FnOnce() -> T) -> T {
+        let buffers: Vec<(Tensor, Tensor)> = self
+            .vs
+            .variables()
+            .into_values()
+            .filter(|t| !t.requires_grad())
+            .map(|t| {
+                let saved = t.detach().copy();
+                (t, saved)
+            })
+            .collect();
+        let out = f();
+        tch::no_grad(|| {
+            for (mut t, saved) in buffers {
+                t.copy_(&saved);
+            }
+        });
+        out
+    }
+
+    /// Trainable parameter count (backbone + all heads).
+    pub fn parameter_count(&self) -> i64 {
+        self.vs
+            .trainable_variables()
+            .iter()
+            .map(|t| t.numel() as i64)
+            .sum()
+    }
+}

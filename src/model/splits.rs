@@ -1,0 +1,302 @@
+//! Where a network is cut into K gradient-isolated modules. Split points are data: one table
+//! per network, in InfoPro's notation (a cut `[stage, block]` means "after block `block` of
+//! stage `stage`"; stage 0 is the stem), converted once into contiguous unit ranges.
+use super::resnet::Arch;
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::ops::Range;
+
+/// How the units are divided among modules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum SplitStrategy {
+    /// The network's split table (InfoPro's where it has one); unknown K is an error.
+    #[default]
+    Table,
+    /// Balanced by unit count, any K up to the number of units.
+    Even,
+    /// Balanced by estimated activation bytes (the largest module is as small as possible).
+    BalancedMemory,
+}
+
+/// One entry of a split table.
+enum Entry {
+    /// Explicit cuts in InfoPro's `[stage, block]` notation.
+    Cuts(&'static [[usize; 2]]),
+    /// Balanced by unit count (used where no published table exists).
+    Even,
+}
+
+/// The split table: ResNet-32/110 entries for K <= 16 are InfoPro's
+/// (`networks/configs.py` of the InfoPro-Pytorch repository); K = units is one module per unit.
+fn table(arch: Arch) -> &'static [(usize, Entry)] {
+    use Entry::*;
+    match arch {
+        Arch::Resnet20 => &[(1, Cuts(&[])), (2, Even), (4, Even), (5, Even), (10, Even)],
+        Arch::Resnet32 => &[
+            (1, Cuts(&[])),
+            (2, Cuts(&[[2, 1]])),
+            (3, Cuts(&[[1, 4], [2, 4]])),
+            (4, Cuts(&[[1, 2], [2, 1], [3, 0]])),
+            (
+                8,
+                Cuts(&[[1, 0], [1, 2], [1, 4], [2, 1], [2, 3], [3, 0], [3, 2]]),
+            ),
+            (16, Even),
+        ],
+        Arch::Resnet56 => &[
+            (1, Cuts(&[])),
+            (2, Even),
+            (4, Even),
+            (7, Even),
+            (14, Even),
+            (28, Even),
+        ],
+        Arch::Resnet110 => &[
+            (1, Cuts(&[])),
+            (2, Cuts(&[[2, 8]])),
+            (3, Cuts(&[[1, 17], [2, 17]])),
+            (4, Cuts(&[[1, 11], [2, 7], [3, 3]])),
+            (
+                8,
+                Cuts(&[[1, 4], [1, 11], [2, 0], [2, 7], [2, 14], [3, 3], [3, 10]]),
+            ),
+            (
+                16,
+                Cuts(&[
+                    [1, 1],
+                    [1, 4],
+                    [1, 7],
+                    [1, 10],
+                    [1, 13],
+                    [1, 16],
+                    [2, 1],
+                    [2, 4],
+                    [2, 7],
+                    [2, 11],
+                    [2, 15],
+                    [3, 1],
+                    [3, 5],
+                    [3, 9],
+                    [3, 13],
+                ]),
+            ),
+            (32, Even),
+            (55, Even),
+        ],
+    }
+}
+
+/// The K values in `arch`'s split table.
+pub fn table_ks(arch: Arch) -> Vec<usize> {
+    table(arch).iter().map(|(k, _)| *k).collect()
+}
+
+/// Converts InfoPro cuts into unit ranges and checks them (K-1 strictly increasing cuts inside
+/// the network).
+fn ranges_from_cuts(arch: Arch, cuts: &[[usize; 2]]) -> Result<Vec<Range<usize>>> {
+    let n = arch.blocks_per_stage();
+    let units = arch.num_units();
+    let mut ranges = Vec::with_capacity(cuts.len() + 1);
+    let mut start = 0;
+    for &[stage, block] in cuts {
+        let last = if stage == 0 {
+            0
+        } else {
+            1 + (stage - 1) * n + block
+        };
+        if stage > 3 || block >= n || last + 1 <= start || last + 1 >= units {
+            return Err(Error::Config(format!(
+                "invalid cut [{stage}, {block}] for {arch}"
+            )));
+        }
+        ranges.push(start..last + 1);
+        start = last + 1;
+    }
+    ranges.push(start..units);
+    Ok(ranges)
+}
+
+/// `units` split into `k` contiguous ranges whose sizes differ by at most one; the larger
+/// ranges come last, so the early, wide (activation-heavy) modules get fewer units.
+pub fn even(units: usize, k: usize) -> Vec<Range<usize>> {
+    let (base, extra) = (units / k, units % k);
+    let mut start = 0;
+    (0..k)
+        .map(|i| {
+            let len = base + usize::from(i >= k - extra);
+            let r = start..start + len;
+            start += len;
+            r
+        })
+        .collect()
+}
+
+/// Contiguous split of weighted units into `k` ranges minimising the largest range weight
+/// (dynamic programming; ties broken towards earlier cuts).
+pub fn balanced(weights: &[i64], k: usize) -> Vec<Range<usize>> {
+    let n = weights.len();
+    let prefix: Vec<i64> = std::iter::once(0)
+        .chain(weights.iter().scan(0, |s, w| {
+            *s += w;
+            Some(*s)
+        }))
+        .collect();
+    // best[j][i]: minimal max-weight splitting the first i units into j ranges.
+    let mut best = vec![vec![i64::MAX; n + 1]; k + 1];
+    let mut cut = vec![vec![0usize; n + 1]; k + 1];
+    best[0][0] = 0;
+    for j in 1..=k {
+        for i in j..=n {
+            for p in (j - 1)..i {
+                if best[j - 1][p] == i64::MAX {
+                    continue;
+                }
+                let cost = best[j - 1][p].max(prefix[i] - prefix[p]);
+                if cost < best[j][i] {
+                    best[j][i] = cost;
+                    cut[j][i] = p;
+                }
+            }
+        }
+    }
+    let mut ranges = Vec::with_capacity(k);
+    let mut end = n;
+    for j in (1..=k).rev() {
+        let start = cut[j][end];
+        ranges.push(start..end);
+        end = start;
+    }
+    ranges.reverse();
+    ranges
+}
+
+/// Resolves the module ranges for `arch` cut into `k` modules. `unit_weights` (activation
+/// elements per unit) is used by [`SplitStrategy::BalancedMemory`].
+pub fn split(
+    arch: Arch,
+    k: usize,
+    strategy: SplitStrategy,
+    unit_weights: &[i64],
+) -> Result<Vec<Range<usize>>> {
+    let units = arch.num_units();
+    if k == 0 || k > units {
+        return Err(Error::Config(format!(
+            "--modules {k} is not possible for {arch}: it has {units} units (stem + {} residual blocks), so K must be 1..={units}",
+            units - 1
+        )));
+    }
+    match strategy {
+        SplitStrategy::Table => match table(arch).iter().find(|(kk, _)| *kk == k) {
+            Some((_, Entry::Cuts(cuts))) => ranges_from_cuts(arch, cuts),
+            Some((_, Entry::Even)) => Ok(even(units, k)),
+            None => Err(Error::Config(format!(
+                "--modules {k} is not in the split table of {arch} (supported: {}); use --split even or --split balanced-memory for other K",
+                table_ks(arch)
+                    .iter()
+                    .map(|k| k.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))),
+        },
+        SplitStrategy::Even => Ok(even(units, k)),
+        SplitStrategy::BalancedMemory => Ok(balanced(unit_weights, k)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn covers(ranges: &[Range<usize>], n: usize) -> bool {
+        ranges.first().map(|r| r.start) == Some(0)
+            && ranges.last().map(|r| r.end) == Some(n)
+            && ranges.windows(2).all(|w| w[0].end == w[1].start)
+            && ranges.iter().all(|r| !r.is_empty())
+    }
+
+    #[test]
+    fn every_table_entry_partitions_the_units() {
+        for arch in [
+            Arch::Resnet20,
+            Arch::Resnet32,
+            Arch::Resnet56,
+            Arch::Resnet110,
+        ] {
+            for k in table_ks(arch) {
+                let r = split(arch, k, SplitStrategy::Table, &[]).unwrap();
+                assert_eq!(r.len(), k, "{arch} K={k}");
+                assert!(covers(&r, arch.num_units()), "{arch} K={k}: {r:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn infopro_resnet32_k2_cuts_after_unit_7() {
+        let r = split(Arch::Resnet32, 2, SplitStrategy::Table, &[]).unwrap();
+        assert_eq!(r, vec![0..8, 8..16]);
+        let r = split(Arch::Resnet32, 4, SplitStrategy::Table, &[]).unwrap();
+        assert_eq!(r, vec![0..4, 4..8, 8..12, 12..16]);
+    }
+
+    #[test]
+    fn one_module_per_unit_at_full_k() {
+        let r = split(Arch::Resnet110, 55, SplitStrategy::Table, &[]).unwrap();
+        assert!(r.iter().enumerate().all(|(i, r)| *r == (i..i + 1)));
+        assert_eq!(
+            split(Arch::Resnet32, 16, SplitStrategy::Table, &[]).unwrap(),
+            even(16, 16)
+        );
+    }
+
+    #[test]
+    fn bad_k_is_a_config_error_listing_supported_values() {
+        let e = split(Arch::Resnet32, 17, SplitStrategy::Table, &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("1..=16"), "{e}");
+        let e = split(Arch::Resnet32, 5, SplitStrategy::Table, &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("1, 2, 3, 4, 8, 16"), "{e}");
+        assert!(split(Arch::Resnet32, 5, SplitStrategy::Even, &[]).is_ok());
+    }
+
+    #[test]
+    fn balanced_minimises_the_largest_module() {
+        let w = [10, 1, 1, 1, 1, 10];
+        let r = balanced(&w, 3);
+        assert!(covers(&r, 6));
+        let max = r
+            .iter()
+            .map(|r| w[r.clone()].iter().sum::<i64>())
+            .max()
+            .unwrap();
+        assert_eq!(max, 10);
+        // Brute force over all 2-cut positions agrees.
+        let mut bf = i64::MAX;
+        for a in 1..6 {
+            for b in a + 1..6 {
+                let s = [
+                    w[..a].iter().sum::<i64>(),
+                    w[a..b].iter().sum(),
+                    w[b..].iter().sum(),
+                ];
+                bf = bf.min(*s.iter().max().unwrap());
+            }
+        }
+        assert_eq!(max, bf);
+    }
+
+    #[test]
+    fn even_sizes_differ_by_at_most_one() {
+        for n in 1..30 {
+            for k in 1..=n {
+                let r = even(n, k);
+                assert!(covers(&r, n));
+                let lens: Vec<_> = r.iter().map(|r| r.len()).collect();
+                assert!(lens.iter().max().unwrap() - lens.iter().min().unwrap() <= 1);
+            }
+        }
+    }
+}

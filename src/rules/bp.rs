@@ -1,0 +1,47 @@
+//! Rule `bp`: global back-propagation, the baseline every local rule is measured against.
+//!
+//! The backbone and classifier get the gradient of the last loss only. When K > 1, the auxiliary
+//! heads still exist and are trained on *detached* module outputs, so they act as depth-wise
+//! probes (their accuracies are comparable to the local rules') without changing the backbone.
+use super::{Rule, StepStats, correct, cross_entropy, scalar};
+use crate::Result;
+use crate::data::Batch;
+use crate::model::SplitNet;
+
+/// Global back-propagation.
+pub struct Bp;
+
+impl Rule for Bp {
+    fn step(&self, net: &SplitNet, batch: &Batch, _global_step: usize) -> Result<StepStats> {
+        let modules = net.num_modules();
+        let mut h = batch.images.shallow_clone();
+        let mut total = None;
+        let mut module_losses = Vec::with_capacity(modules);
+        let mut right = 0;
+        for k in 0..modules {
+            h = net.forward_module(k, &h, true);
+            let last = k + 1 == modules;
+            // Probe heads see a detached copy: no gradient from them reaches the backbone.
+            let head_input = if last { h.shallow_clone() } else { h.detach() };
+            let logits = net.head_logits(k, &head_input, true);
+            let loss = cross_entropy(&logits, &batch.labels);
+            if last {
+                right = correct(&logits, &batch.labels);
+            }
+            module_losses.push(scalar(&loss));
+            total = Some(match total {
+                None => loss,
+                Some(t) => t + loss,
+            });
+        }
+        if let Some(total) = total {
+            total.backward();
+        }
+        Ok(StepStats {
+            penalties: vec![0.0; modules],
+            module_losses,
+            correct: right,
+            samples: batch.labels.size()[0],
+        })
+    }
+}

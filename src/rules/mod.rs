@@ -1,0 +1,103 @@
+//! Training rules: what one training step does with one batch.
+//!
+//! A rule runs forward and backward and leaves gradients in the parameters; it never touches
+//! the optimizer, the learning rate or any file (the trainer owns those). This is the only
+//! place that names every rule: adding a rule means a new file plus one arm in [`build`].
+pub mod bp;
+pub mod dgl;
+pub mod sgr;
+
+use crate::Result;
+use crate::data::Batch;
+use crate::model::SplitNet;
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+pub use sgr::{SgrConfig, SgrDistance, SgrGrad};
+
+/// The available rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum RuleKind {
+    /// Global back-propagation through the whole network (aux heads, if any, are trained as
+    /// probes on detached features and never send gradient into the backbone).
+    Bp,
+    /// Decoupled greedy learning: K gradient-isolated modules, each trained by its local loss.
+    Dgl,
+    /// DGL plus successive gradient reconciliation between neighbouring modules.
+    Sgr,
+}
+
+impl RuleKind {
+    /// The kebab-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            RuleKind::Bp => "bp",
+            RuleKind::Dgl => "dgl",
+            RuleKind::Sgr => "sgr",
+        }
+    }
+}
+
+impl std::fmt::Display for RuleKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What a step reports (host-side numbers; reading them synchronises the device).
+#[derive(Debug, Clone, Default)]
+pub struct StepStats {
+    /// Local loss of every module (the last one is the network's loss).
+    pub module_losses: Vec<f64>,
+    /// SGR penalty D(·,·) of every module (0 where it was not applied).
+    pub penalties: Vec<f64>,
+    /// Correct predictions of the last module's classifier.
+    pub correct: i64,
+    /// Samples in the batch.
+    pub samples: i64,
+}
+
+impl StepStats {
+    /// The network's (last module's) loss.
+    pub fn loss(&self) -> f64 {
+        *self.module_losses.last().unwrap_or(&f64::NAN)
+    }
+}
+
+/// One training step.
+pub trait Rule {
+    /// Forward and backward on `batch` at optimizer step `global_step`, leaving gradients in
+    /// `net`'s parameters (which the caller zeroed).
+    fn step(&self, net: &SplitNet, batch: &Batch, global_step: usize) -> Result<StepStats>;
+}
+
+/// Builds the rule `kind`; `sgr` is used by the SGR rule only.
+pub fn build(kind: RuleKind, sgr: &SgrConfig) -> Box<dyn Rule> {
+    match kind {
+        RuleKind::Bp => Box::new(bp::Bp),
+        RuleKind::Dgl => Box::new(dgl::Dgl),
+        RuleKind::Sgr => Box::new(sgr::Sgr(sgr.clone())),
+    }
+}
+
+/// Mean cross-entropy of `logits` `[B, classes]` against `labels` `[B]`, in the logits' own
+/// precision (tch's `cross_entropy_for_logits` silently computes in f32, which breaks f64
+/// gradient checks).
+pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Tensor {
+    logits.log_softmax(-1, logits.kind()).nll_loss(labels)
+}
+
+/// Number of rows of `logits` whose arg-max equals the label.
+pub fn correct(logits: &Tensor, labels: &Tensor) -> i64 {
+    logits
+        .argmax(-1, false)
+        .eq_tensor(labels)
+        .sum(Kind::Int64)
+        .int64_value(&[])
+}
+
+/// A scalar tensor as f64.
+pub(crate) fn scalar(t: &Tensor) -> f64 {
+    t.double_value(&[])
+}

@@ -1,0 +1,439 @@
+//! The one training loop. Every rule runs through [`run`]: per epoch it sets the learning rate,
+//! runs the rule's step on each batch, checks for non-finite values, steps the optimizer,
+//! evaluates every head on the test split, appends `metrics.jsonl`, and writes the checkpoint.
+use crate::checkpoint::{self, TrainState};
+use crate::config::{OnNan, TrainConfig};
+use crate::data::{self, Batches, Dataset, Order};
+use crate::diagnostics::{self, Discord};
+use crate::memory::Meter;
+use crate::metrics::{self, DiagRecord, EpochRecord};
+use crate::model::{FeatureShape, SplitNet};
+use crate::optim::Sgd;
+use crate::rules::{self, StepStats, cross_entropy};
+use crate::{Error, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use std::time::Instant;
+
+/// What a finished run reports (`summary.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Summary {
+    /// Rule name.
+    pub rule: String,
+    /// Network name.
+    pub model: String,
+    /// Data set name.
+    pub dataset: String,
+    /// K.
+    pub modules: usize,
+    /// Unit ranges of the modules.
+    pub module_ranges: Vec<[usize; 2]>,
+    /// Epochs trained.
+    pub epochs: usize,
+    /// Seed.
+    pub seed: u64,
+    /// Final test accuracy of the last module (fraction).
+    pub test_accuracy: f64,
+    /// Best test accuracy over epochs.
+    pub best_test_accuracy: f64,
+    /// Final test accuracy of every head.
+    pub module_test_accuracy: Vec<f64>,
+    /// Training seconds (excluding evaluation).
+    pub train_seconds: f64,
+    /// Training throughput.
+    pub images_per_second: f64,
+    /// Peak RSS above the post-construction baseline, bytes (see `memory`).
+    pub peak_memory_bytes: u64,
+    /// Analytic activation bytes kept alive by each module at this batch size.
+    pub module_activation_bytes: Vec<i64>,
+    /// Trainable parameters (backbone and heads).
+    pub parameters: i64,
+    /// The full resolved configuration.
+    pub config: TrainConfig,
+}
+
+/// Test-split evaluation of every head.
+#[derive(Debug, Clone)]
+pub struct Evaluation {
+    /// Accuracy of each module's head (the last is the network's).
+    pub module_accuracy: Vec<f64>,
+    /// Mean loss of the last module.
+    pub loss: f64,
+}
+
+/// Evaluates every head of `net` on `split` in inference mode.
+pub fn evaluate(net: &SplitNet, ds: &Dataset, split: &data::Split, batch_size: i64) -> Evaluation {
+    let _guard = tch::no_grad_guard();
+    let modules = net.num_modules();
+    let mut correct = vec![0i64; modules];
+    let (mut loss_sum, mut seen) = (0.0, 0i64);
+    let batches = Batches::new(
+        split,
+        &ds.meta,
+        batch_size,
+        Order::Sequential,
+        false,
+        net.device(),
+    );
+    for batch in batches.keep_singleton() {
+        let mut h = batch.images.shallow_clone();
+        for (k, right) in correct.iter_mut().enumerate() {
+            h = net.forward_module(k, &h, false);
+            let logits = net.head_logits(k, &h, false);
+            *right += rules::correct(&logits, &batch.labels);
+            if k + 1 == modules {
+                let n = batch.labels.size()[0];
+                loss_sum += cross_entropy(&logits, &batch.labels).double_value(&[]) * n as f64;
+            }
+        }
+        seen += batch.labels.size()[0];
+    }
+    let seen_f = seen.max(1) as f64;
+    Evaluation {
+        module_accuracy: correct.iter().map(|&c| c as f64 / seen_f).collect(),
+        loss: loss_sum / seen_f,
+    }
+}
+
+/// Loads the data set of `cfg`, cut to the configured subsets.
+pub fn load_data(cfg: &TrainConfig) -> Result<Dataset> {
+    let mut ds = data::load(cfg.data, &cfg.data_dir)?;
+    if cfg.train_subset > 0 {
+        ds.train = ds.train.subset(cfg.train_subset);
+    }
+    if cfg.test_subset > 0 {
+        ds.test = ds.test.subset(cfg.test_subset);
+    }
+    Ok(ds)
+}
+
+/// Builds the network for `cfg` on data `ds` (seeding libtorch first).
+pub fn build_net(cfg: &TrainConfig, ds: &Dataset) -> Result<SplitNet> {
+    tch::manual_seed(cfg.seed as i64);
+    let input = FeatureShape {
+        c: ds.meta.channels,
+        h: ds.meta.height,
+        w: ds.meta.width,
+    };
+    SplitNet::new(&cfg.model_spec(input, ds.meta.classes), cfg.tch_device()?)
+}
+
+/// Where in the run a non-finite value appeared, or `None` if all is finite.
+fn non_finite(net: &SplitNet, stats: &StepStats, opt: &Sgd) -> Option<String> {
+    if let Some(k) = stats.module_losses.iter().position(|l| !l.is_finite()) {
+        return Some(format!(
+            "the loss of module {} is {}",
+            k + 1,
+            stats.module_losses[k]
+        ));
+    }
+    if opt.grads_finite() {
+        return None;
+    }
+    let bad = (0..net.num_modules()).find(|&k| {
+        net.module_variables(k, true).iter().any(|(_, t)| {
+            let g = t.grad();
+            g.defined() && !bool::try_from(g.isfinite().all()).unwrap_or(false)
+        })
+    });
+    Some(format!(
+        "a gradient of module {} is not finite",
+        bad.map_or(0, |k| k + 1)
+    ))
+}
+
+#[derive(Default)]
+struct EpochTotals {
+    module_loss: Vec<f64>,
+    penalty: Vec<f64>,
+    correct: i64,
+    samples: i64,
+    steps: usize,
+    discord: Vec<Discord>,
+}
+
+impl EpochTotals {
+    fn add(&mut self, s: &StepStats) {
+        if self.module_loss.is_empty() {
+            self.module_loss = vec![0.0; s.module_losses.len()];
+            self.penalty = vec![0.0; s.penalties.len()];
+        }
+        let n = s.samples as f64;
+        for (acc, l) in self.module_loss.iter_mut().zip(&s.module_losses) {
+            *acc += l * n;
+        }
+        for (acc, p) in self.penalty.iter_mut().zip(&s.penalties) {
+            *acc += p;
+        }
+        self.correct += s.correct;
+        self.samples += s.samples;
+        self.steps += 1;
+    }
+
+    fn discord_mean(&self, pick: impl Fn(&Discord) -> &Vec<f64>) -> Vec<f64> {
+        let Some(first) = self.discord.first() else {
+            return Vec::new();
+        };
+        let n = self.discord.len() as f64;
+        (0..pick(first).len())
+            .map(|b| self.discord.iter().map(|d| pick(d)[b]).sum::<f64>() / n)
+            .collect()
+    }
+}
+
+/// Trains with `cfg` into the run folder `out`, continuing from its checkpoint if `resume`.
+pub fn run(cfg: &TrainConfig, out: &Path, resume: bool, quiet: bool) -> Result<Summary> {
+    let ds = load_data(cfg)?;
+    run_with_data(cfg, &ds, out, resume, quiet)
+}
+
+/// [`run`] on an already loaded data set (`cfg.data` is then only a label).
+pub fn run_with_data(
+    cfg: &TrainConfig,
+    ds: &Dataset,
+    out: &Path,
+    resume: bool,
+    quiet: bool,
+) -> Result<Summary> {
+    if cfg.threads > 0 {
+        tch::set_num_threads(cfg.threads as i32);
+    }
+    let net = build_net(cfg, ds)?;
+    let mut opt = Sgd::new(&net.vs, cfg.sgd());
+    let rule = rules::build(cfg.rule, &cfg.sgr());
+    let ckpt_path = checkpoint::path_in(out);
+    let metrics_path = out.join("metrics.jsonl");
+    let diag_path = out.join("diagnostics.jsonl");
+
+    let mut state = TrainState {
+        epoch: 0,
+        global_step: 0,
+        best_test_accuracy: 0.0,
+        train_seconds: 0.0,
+        images: 0,
+        peak_memory_bytes: 0,
+        config: serde_json::to_value(cfg).expect("config serialises"),
+    };
+    if resume && ckpt_path.exists() {
+        let (vars, momentum, saved) = checkpoint::load(&ckpt_path)?;
+        checkpoint::load_into(&net, &ckpt_path, &vars, false)?;
+        opt.load_state(momentum).map_err(|e| Error::Checkpoint {
+            path: ckpt_path.clone(),
+            reason: e.to_string(),
+        })?;
+        let saved = saved.ok_or_else(|| Error::Checkpoint {
+            path: ckpt_path.clone(),
+            reason: "has no training state (not written by `sgr train`)".into(),
+        })?;
+        state = TrainState {
+            config: state.config,
+            ..saved
+        };
+    }
+    // Records past the checkpoint belong to an interrupted epoch that will be redone.
+    metrics::truncate_after_epoch(&metrics_path, state.epoch)?;
+    metrics::truncate_after_epoch(&diag_path, state.epoch)?;
+
+    let ranges: Vec<[usize; 2]> = net
+        .module_ranges()
+        .iter()
+        .map(|r| [r.start, r.end])
+        .collect();
+    if !quiet {
+        eprintln!(
+            "{} on {} ({} train / {} test), rule {}, K={} modules over units {:?}, {} parameters",
+            cfg.model,
+            cfg.data,
+            ds.train.len(),
+            ds.test.len(),
+            cfg.rule,
+            net.num_modules(),
+            ranges,
+            net.parameter_count()
+        );
+        for (name, n) in net.head_parameter_counts() {
+            eprintln!("  head {name}: {n} parameters");
+        }
+        if state.epoch > 0 {
+            eprintln!(
+                "resuming after epoch {} (step {})",
+                state.epoch, state.global_step
+            );
+        }
+    }
+
+    let schedule = cfg.schedule();
+    let device = net.device();
+    let meter = Meter::start();
+    let mut last_eval = None;
+    let mut consecutive_bad = 0;
+    for epoch in state.epoch..cfg.epochs {
+        let batches = Batches::new(
+            &ds.train,
+            &ds.meta,
+            cfg.batch_size,
+            Order::Shuffled {
+                seed: cfg.seed,
+                epoch: epoch as u64,
+            },
+            cfg.augment,
+            device,
+        );
+        let full = batches.len();
+        let steps = if cfg.max_steps_per_epoch > 0 {
+            full.min(cfg.max_steps_per_epoch)
+        } else {
+            full
+        };
+        let bar = if quiet {
+            ProgressBar::hidden()
+        } else {
+            ProgressBar::new(steps as u64)
+        };
+        bar.set_style(
+            ProgressStyle::with_template(
+                "epoch {prefix} {bar:30} {pos}/{len} {msg} [{elapsed}<{eta}]",
+            )
+            .expect("valid template"),
+        );
+        bar.set_prefix(format!("{}/{}", epoch + 1, cfg.epochs));
+        let mut totals = EpochTotals::default();
+        let epoch_lr = schedule.lr(epoch, 0, full, cfg.epochs);
+        let start = Instant::now();
+        for (i, batch) in batches.take(steps).enumerate() {
+            let lr = schedule.lr(epoch, i, full, cfg.epochs);
+            if cfg.diag_every > 0
+                && state.global_step % cfg.diag_every == 0
+                && net.num_modules() > 1
+            {
+                let d = diagnostics::measure(&net, &batch);
+                metrics::append(
+                    &diag_path,
+                    &DiagRecord {
+                        epoch: epoch + 1,
+                        step: state.global_step,
+                        grad_cosine: d.grad_cosine.clone(),
+                        grad_rel_distance: d.grad_rel_distance.clone(),
+                        bp_cosine: d.bp_cosine.clone(),
+                    },
+                )?;
+                totals.discord.push(d);
+            }
+            opt.zero_grad();
+            let stats = rule.step(&net, &batch, state.global_step)?;
+            if let Some(what) = non_finite(&net, &stats, &opt) {
+                let msg = format!(
+                    "training diverged at epoch {}, step {}: {what}; the last good checkpoint ({}) is kept — lower --lr or pass --on-nan skip-batch",
+                    epoch + 1,
+                    i + 1,
+                    if state.epoch > 0 {
+                        ckpt_path.display().to_string()
+                    } else {
+                        "none yet".into()
+                    }
+                );
+                consecutive_bad += 1;
+                if cfg.on_nan == OnNan::Stop || consecutive_bad >= 10 {
+                    bar.abandon();
+                    return Err(Error::NonFinite(msg));
+                }
+                bar.println(format!("warning: skipping batch: {msg}"));
+                opt.zero_grad();
+                continue;
+            }
+            consecutive_bad = 0;
+            opt.step(lr);
+            state.global_step += 1;
+            totals.add(&stats);
+            let secs = start.elapsed().as_secs_f64();
+            bar.set_message(format!(
+                "loss {:.4} acc {:.2}% {:.0} img/s",
+                totals.module_loss.last().copied().unwrap_or(0.0) / totals.samples.max(1) as f64,
+                100.0 * totals.correct as f64 / totals.samples.max(1) as f64,
+                totals.samples as f64 / secs.max(1e-9)
+            ));
+            bar.inc(1);
+        }
+        let seconds = start.elapsed().as_secs_f64();
+        bar.finish_and_clear();
+        state.peak_memory_bytes = state.peak_memory_bytes.max(meter.peak_above_baseline());
+        let eval = evaluate(&net, ds, &ds.test, cfg.batch_size.max(256));
+        let samples = totals.samples.max(1) as f64;
+        let record = EpochRecord {
+            epoch: epoch + 1,
+            lr: epoch_lr,
+            train_loss: totals.module_loss.last().copied().unwrap_or(f64::NAN) / samples,
+            train_accuracy: totals.correct as f64 / samples,
+            test_loss: eval.loss,
+            test_accuracy: *eval.module_accuracy.last().unwrap_or(&0.0),
+            seconds,
+            images_per_second: totals.samples as f64 / seconds.max(1e-9),
+            module_test_accuracy: eval.module_accuracy.clone(),
+            module_train_loss: totals.module_loss.iter().map(|l| l / samples).collect(),
+            sgr_penalty: totals
+                .penalty
+                .iter()
+                .map(|p| p / totals.steps.max(1) as f64)
+                .collect(),
+            grad_cosine: totals.discord_mean(|d| &d.grad_cosine),
+            grad_rel_distance: totals.discord_mean(|d| &d.grad_rel_distance),
+            bp_cosine: totals.discord_mean(|d| &d.bp_cosine),
+            peak_memory_bytes: state.peak_memory_bytes,
+        };
+        if !quiet {
+            eprintln!(
+                "epoch {}/{}: train loss {:.4} acc {:.2}% | test loss {:.4} acc {:.2}% | heads {} | {:.0} img/s",
+                epoch + 1,
+                cfg.epochs,
+                record.train_loss,
+                100.0 * record.train_accuracy,
+                record.test_loss,
+                100.0 * record.test_accuracy,
+                record
+                    .module_test_accuracy
+                    .iter()
+                    .map(|a| format!("{:.1}", 100.0 * a))
+                    .collect::<Vec<_>>()
+                    .join("/"),
+                record.images_per_second
+            );
+        }
+        metrics::append(&metrics_path, &record)?;
+        state.epoch = epoch + 1;
+        state.train_seconds += seconds;
+        state.images += totals.samples as u64;
+        state.best_test_accuracy = state.best_test_accuracy.max(record.test_accuracy);
+        checkpoint::save(&ckpt_path, &net, &opt, &state)?;
+        last_eval = Some(eval);
+    }
+    let eval = match last_eval {
+        Some(e) => e,
+        None => evaluate(&net, ds, &ds.test, cfg.batch_size.max(256)),
+    };
+    let summary = Summary {
+        rule: cfg.rule.to_string(),
+        model: cfg.model.to_string(),
+        dataset: cfg.data.to_string(),
+        modules: net.num_modules(),
+        module_ranges: ranges,
+        epochs: state.epoch,
+        seed: cfg.seed,
+        test_accuracy: *eval.module_accuracy.last().unwrap_or(&0.0),
+        best_test_accuracy: state.best_test_accuracy,
+        module_test_accuracy: eval.module_accuracy,
+        train_seconds: state.train_seconds,
+        images_per_second: state.images as f64 / state.train_seconds.max(1e-9),
+        peak_memory_bytes: state.peak_memory_bytes,
+        module_activation_bytes: (0..net.num_modules())
+            .map(|k| net.module_activation_bytes(k, cfg.batch_size))
+            .collect(),
+        parameters: net.parameter_count(),
+        config: cfg.clone(),
+    };
+    checkpoint::write_atomic(
+        &out.join("summary.json"),
+        &serde_json::to_vec_pretty(&summary).expect("summary serialises"),
+    )?;
+    Ok(summary)
+}

@@ -1,0 +1,87 @@
+//! Small builders shared by the integration tests.
+use sgr::data::Batch;
+use sgr::model::{Arch, FeatureShape, HeadKind, ModelSpec, SplitNet, SplitStrategy};
+use std::collections::HashMap;
+use tch::{Device, Kind, Tensor};
+
+/// A tiny ResNet-20 cut into `modules` even modules, on `c`x`s`x`s` inputs with 3 classes.
+pub fn tiny_net(modules: usize, c: i64, s: i64, double: bool, seed: i64) -> SplitNet {
+    tch::manual_seed(seed);
+    let spec = ModelSpec {
+        arch: Arch::Resnet20,
+        modules,
+        split: SplitStrategy::Even,
+        head: HeadKind::Conv,
+        input: FeatureShape { c, h: s, w: s },
+        classes: 3,
+    };
+    let mut net = SplitNet::new(&spec, Device::Cpu).unwrap();
+    if double {
+        net.vs.double();
+    }
+    net
+}
+
+/// A random batch matching [`tiny_net`].
+pub fn tiny_batch(b: i64, c: i64, s: i64, double: bool, seed: i64) -> Batch {
+    tch::manual_seed(seed);
+    let kind = if double { Kind::Double } else { Kind::Float };
+    Batch {
+        images: Tensor::randn([b, c, s, s], (kind, Device::Cpu)),
+        labels: Tensor::randint(3, [b], (Kind::Int64, Device::Cpu)),
+    }
+}
+
+/// Every trainable variable's gradient (zeros where undefined), by name.
+pub fn grads(net: &SplitNet) -> HashMap<String, Tensor> {
+    net.vs
+        .variables()
+        .into_iter()
+        .filter(|(_, t)| t.requires_grad())
+        .map(|(n, t)| {
+            let g = t.grad();
+            let g = if g.defined() {
+                g.copy()
+            } else {
+                t.zeros_like()
+            };
+            (n, g)
+        })
+        .collect()
+}
+
+/// Every variable's value, by name.
+pub fn values(net: &SplitNet) -> HashMap<String, Tensor> {
+    net.vs
+        .variables()
+        .into_iter()
+        .map(|(n, t)| (n, t.detach().copy()))
+        .collect()
+}
+
+/// Sets every gradient of `net` to zero.
+pub fn zero_grads(net: &SplitNet) {
+    for (_, mut t) in net.vs.variables() {
+        t.zero_grad();
+    }
+}
+
+/// Largest absolute difference over tensors with the same names.
+pub fn max_abs_diff(a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .map(|(n, t)| (t - &b[n]).abs().max().double_value(&[]))
+        .fold(0.0, f64::max)
+}
+
+/// ‖a − b‖ / ‖b‖ over flattened vectors.
+pub fn rel_err(a: &[f64], b: &[f64]) -> f64 {
+    let num: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    let den: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
+    num / den.max(1e-300)
+}

@@ -1,0 +1,200 @@
+//! Model: shapes for every depth and input, variable names, splits and memory estimates.
+use sgr::model::{Arch, FeatureShape, HeadKind, ModelSpec, SplitNet, SplitStrategy};
+use tch::{Device, Kind, Tensor};
+
+fn spec(
+    arch: Arch,
+    modules: usize,
+    c: i64,
+    s: i64,
+    head: HeadKind,
+    split: SplitStrategy,
+) -> ModelSpec {
+    ModelSpec {
+        arch,
+        modules,
+        split,
+        head,
+        input: FeatureShape { c, h: s, w: s },
+        classes: 10,
+    }
+}
+
+#[test]
+fn every_depth_and_channel_count_gives_logits() {
+    for arch in [
+        Arch::Resnet20,
+        Arch::Resnet32,
+        Arch::Resnet56,
+        Arch::Resnet110,
+    ] {
+        for (c, s) in [(1, 28), (3, 32)] {
+            let net = SplitNet::new(
+                &spec(arch, 2, c, s, HeadKind::Conv, SplitStrategy::Table),
+                Device::Cpu,
+            )
+            .unwrap();
+            let x = Tensor::randn([2, c, s, s], (Kind::Float, Device::Cpu));
+            assert_eq!(net.forward(&x, false).size(), vec![2, 10], "{arch} {c}x{s}");
+            // Module by module equals end to end.
+            let mut h = x.shallow_clone();
+            for k in 0..net.num_modules() {
+                h = net.forward_module(k, &h, false);
+                let o = net.module_output_shape(k);
+                assert_eq!(h.size(), vec![2, o.c, o.h, o.w]);
+                assert_eq!(net.head_logits(k, &h, false).size(), vec![2, 10]);
+            }
+            let last = net.head_logits(net.num_modules() - 1, &h, false);
+            let diff = (last - net.forward(&x, false))
+                .abs()
+                .max()
+                .double_value(&[]);
+            assert!(diff < 1e-5, "{diff}");
+        }
+    }
+}
+
+#[test]
+fn parameter_counts_match_the_published_resnets() {
+    // He et al. 2016, Table 6: ResNet-20 0.27M, ResNet-32 0.46M, ResNet-56 0.85M, ResNet-110 1.7M
+    // (with 1x1 projection shortcuts our counts are slightly above the option-A numbers).
+    for (arch, millions) in [
+        (Arch::Resnet20, 0.27),
+        (Arch::Resnet32, 0.46),
+        (Arch::Resnet56, 0.85),
+        (Arch::Resnet110, 1.7),
+    ] {
+        let net = SplitNet::new(
+            &spec(arch, 1, 3, 32, HeadKind::Conv, SplitStrategy::Table),
+            Device::Cpu,
+        )
+        .unwrap();
+        let m = net.parameter_count() as f64 / 1e6;
+        assert!((m - millions).abs() / millions < 0.06, "{arch}: {m}M");
+    }
+}
+
+#[test]
+fn variable_names_are_torchvision_style_and_independent_of_k() {
+    let one = SplitNet::new(
+        &spec(
+            Arch::Resnet32,
+            1,
+            3,
+            32,
+            HeadKind::Conv,
+            SplitStrategy::Table,
+        ),
+        Device::Cpu,
+    )
+    .unwrap();
+    let eight = SplitNet::new(
+        &spec(
+            Arch::Resnet32,
+            8,
+            3,
+            32,
+            HeadKind::Mlp,
+            SplitStrategy::Table,
+        ),
+        Device::Cpu,
+    )
+    .unwrap();
+    let names_one: std::collections::BTreeSet<String> = one.vs.variables().into_keys().collect();
+    for name in eight.vs.variables().keys() {
+        assert!(!name.contains("__"), "{name}");
+        assert!(
+            ["conv1.", "bn1.", "layer", "fc.", "aux."]
+                .iter()
+                .any(|p| name.starts_with(p)),
+            "{name}"
+        );
+        if !name.starts_with("aux.") {
+            assert!(names_one.contains(name), "{name} depends on K");
+        }
+    }
+    assert!(names_one.contains("layer2.0.downsample.0.weight"));
+    assert!(names_one.contains("layer3.4.bn2.running_var"));
+    // K=8 has 7 auxiliary heads, each named after the last unit of its module.
+    let heads = eight.head_parameter_counts();
+    assert_eq!(heads.len(), 8);
+    assert_eq!(heads[0].0, "aux.1");
+    assert_eq!(heads[7].0, "fc");
+}
+
+#[test]
+fn modules_partition_the_parameters() {
+    let net = SplitNet::new(
+        &spec(
+            Arch::Resnet20,
+            4,
+            1,
+            28,
+            HeadKind::Conv,
+            SplitStrategy::Even,
+        ),
+        Device::Cpu,
+    )
+    .unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    for k in 0..4 {
+        for (name, _) in net
+            .module_variables(k, true)
+            .into_iter()
+            .chain(net.module_variables(k, false))
+        {
+            assert!(seen.insert(name.clone()), "{name} is in two modules");
+        }
+    }
+    assert_eq!(seen.len(), net.vs.variables().len());
+}
+
+#[test]
+fn activation_estimate_falls_with_k_and_balanced_memory_beats_even() {
+    let bytes = |k: usize, split: SplitStrategy| {
+        let net = SplitNet::new(
+            &spec(Arch::Resnet32, k, 3, 32, HeadKind::Conv, split),
+            Device::Cpu,
+        )
+        .unwrap();
+        (0..k)
+            .map(|m| net.module_activation_bytes(m, 128))
+            .max()
+            .unwrap()
+    };
+    let full = bytes(1, SplitStrategy::Table);
+    assert!(bytes(4, SplitStrategy::Table) < full / 2);
+    // One block per module: its own ~7 tensors plus input and head against ~66 for the net.
+    assert!(bytes(16, SplitStrategy::Table) < full / 5);
+    assert!(bytes(4, SplitStrategy::BalancedMemory) <= bytes(4, SplitStrategy::Even));
+}
+
+#[test]
+fn impossible_splits_are_config_errors() {
+    let e = SplitNet::new(
+        &spec(
+            Arch::Resnet32,
+            17,
+            3,
+            32,
+            HeadKind::Conv,
+            SplitStrategy::Table,
+        ),
+        Device::Cpu,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("K must be 1..=16"), "{e}");
+    let e = SplitNet::new(
+        &spec(
+            Arch::Resnet110,
+            6,
+            3,
+            32,
+            HeadKind::Conv,
+            SplitStrategy::Table,
+        ),
+        Device::Cpu,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("not in the split table"), "{e}");
+}

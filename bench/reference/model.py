@@ -1,0 +1,242 @@
+"""CIFAR ResNet (6n+2) as an ordered list of units, cut into K modules with a head each.
+
+Variable names follow torchvision / the Rust side: `conv1`, `bn1`, `layer{s}.{i}.{conv1,bn1,conv2,bn2}`,
+`layer{s}.{i}.downsample.{0,1}`, `fc`, auxiliary heads `aux.{u}.*` (u = last unit of the module).
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+WIDTHS = (16, 32, 64)
+MLP_HIDDEN = 128
+BN_EPS = 1e-5
+BN_MOMENTUM = 0.1
+
+
+def bn(c):
+    return nn.BatchNorm2d(c, eps=BN_EPS, momentum=BN_MOMENTUM, affine=True)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, c_in, c_out, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = bn(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, stride=1, padding=1, bias=False)
+        self.bn2 = bn(c_out)
+        if stride != 1 or c_in != c_out:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), bn(c_out)
+            )
+        else:
+            self.downsample = None
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        sc = x if self.downsample is None else self.downsample(x)
+        return F.relu(out + sc)
+
+
+def pool(h):
+    return h.mean(dim=(2, 3))
+
+
+class Head(nn.Module):
+    """Auxiliary head: `conv` (conv3x3-bn-relu-pool-fc), `linear` (pool-fc), `mlp` (pool-fc1-relu-fc2)."""
+
+    def __init__(self, kind, c, classes):
+        super().__init__()
+        self.kind = kind
+        if kind == "conv":
+            self.conv = nn.Conv2d(c, c, 3, padding=1, bias=False)
+            self.bn = bn(c)
+            self.fc = nn.Linear(c, classes)
+        elif kind == "linear":
+            self.fc = nn.Linear(c, classes)
+        elif kind == "mlp":
+            self.fc1 = nn.Linear(c, MLP_HIDDEN)
+            self.fc2 = nn.Linear(MLP_HIDDEN, classes)
+        else:
+            raise ValueError(f"unknown head kind {kind!r} (conv|linear|mlp)")
+
+    def forward(self, h):
+        if self.kind == "conv":
+            return self.fc(pool(F.relu(self.bn(self.conv(h)))))
+        if self.kind == "linear":
+            return self.fc(pool(h))
+        return self.fc2(F.relu(self.fc1(pool(h))))
+
+
+# ---------------------------------------------------------------------------------------------
+# Splits
+
+
+def depth_of(model):
+    if not model.startswith("resnet"):
+        raise ValueError(f"unknown model {model!r}")
+    depth = int(model[len("resnet") :])
+    if depth < 8 or (depth - 2) % 6:
+        raise ValueError(f"resnet depth must be 6n+2, got {depth}")
+    return depth
+
+
+def blocks_per_stage(model):
+    return (depth_of(model) - 2) // 6
+
+
+def num_units(model):
+    return 3 * blocks_per_stage(model) + 1
+
+
+# InfoPro split tables: cut [stage, block] = "after that unit"; "even" = even by unit count.
+TABLES = {
+    "resnet32": {
+        1: [],
+        2: [[2, 1]],
+        3: [[1, 4], [2, 4]],
+        4: [[1, 2], [2, 1], [3, 0]],
+        8: [[1, 0], [1, 2], [1, 4], [2, 1], [2, 3], [3, 0], [3, 2]],
+        16: "even",
+    },
+    "resnet110": {
+        1: [],
+        2: [[2, 8]],
+        3: [[1, 17], [2, 17]],
+        4: [[1, 11], [2, 7], [3, 3]],
+        8: [[1, 4], [1, 11], [2, 0], [2, 7], [2, 14], [3, 3], [3, 10]],
+        16: [[1, 1], [1, 4], [1, 7], [1, 10], [1, 13], [1, 16], [2, 1], [2, 4], [2, 7],
+             [2, 11], [2, 15], [3, 1], [3, 5], [3, 9], [3, 13]],
+        32: "even",
+        55: "even",
+    },
+    "resnet20": {k: "even" for k in (1, 2, 4, 5, 10)},
+    "resnet56": {k: "even" for k in (1, 2, 4, 7, 14, 28)},
+}
+
+
+def even_ranges(units, k):
+    """Module i has base+1 units iff i >= k - extra (larger modules last)."""
+    if not 1 <= k <= units:
+        raise ValueError(f"cannot split {units} units into {k} modules")
+    base, extra = divmod(units, k)
+    ranges, start = [], 0
+    for i in range(k):
+        size = base + (1 if i >= k - extra else 0)
+        ranges.append((start, start + size))
+        start += size
+    return ranges
+
+
+def cut_ranges(model, cuts):
+    n = blocks_per_stage(model)
+    units = num_units(model)
+    ends = []
+    for stage, block in cuts:
+        flat = 0 if (stage, block) == (0, 0) else 1 + (stage - 1) * n + block
+        ends.append(flat + 1)
+    ends.append(units)
+    ranges, start = [], 0
+    for e in ends:
+        ranges.append((start, e))
+        start = e
+    return ranges
+
+
+def table_ranges(model, k):
+    table = TABLES.get(model)
+    if table is None or k not in table:
+        raise ValueError(f"no split table for {model} K={k}; pass module_ranges explicitly")
+    entry = table[k]
+    if entry == "even":
+        return even_ranges(num_units(model), k)
+    return cut_ranges(model, entry)
+
+
+def validate_ranges(ranges, units):
+    ranges = [(int(a), int(b)) for a, b in ranges]
+    start = 0
+    for a, b in ranges:
+        if a != start or b <= a:
+            raise ValueError(f"module ranges {ranges} must tile 0..{units} contiguously")
+        start = b
+    if start != units:
+        raise ValueError(f"module ranges {ranges} must end at {units}")
+    return ranges
+
+
+# ---------------------------------------------------------------------------------------------
+# The network
+
+
+class SplitNet(nn.Module):
+    def __init__(self, model, in_channels, classes, ranges, head="conv"):
+        super().__init__()
+        n = blocks_per_stage(model)
+        units = num_units(model)
+        self.ranges = validate_ranges(ranges, units)
+        self.conv1 = nn.Conv2d(in_channels, WIDTHS[0], 3, stride=1, padding=1, bias=False)
+        self.bn1 = bn(WIDTHS[0])
+        unit_out = [WIDTHS[0]]
+        blocks = []
+        c_in = WIDTHS[0]
+        for s, w in enumerate(WIDTHS, start=1):
+            stage = []
+            for i in range(n):
+                stride = 2 if (i == 0 and s > 1) else 1
+                stage.append(BasicBlock(c_in, w, stride))
+                c_in = w
+                unit_out.append(w)
+            setattr(self, f"layer{s}", nn.Sequential(*stage))
+            blocks.extend(stage)
+        self.fc = nn.Linear(WIDTHS[-1], classes)
+        self.aux = nn.ModuleDict()
+        for a, b in self.ranges[:-1]:
+            self.aux[str(b - 1)] = Head(head, unit_out[b - 1], classes)
+        self._units = [self._stem] + blocks  # plain list: the blocks are registered above
+
+    def _stem(self, x):
+        return F.relu(self.bn1(self.conv1(x)))
+
+    @property
+    def K(self):
+        return len(self.ranges)
+
+    def forward_module(self, k, h):
+        a, b = self.ranges[k]
+        for u in range(a, b):
+            h = self._units[u](h)
+        return h
+
+    def head_logits(self, k, h):
+        if k == self.K - 1:
+            return self.fc(pool(h))
+        return self.aux[str(self.ranges[k][1] - 1)](h)
+
+    def forward(self, x):
+        for k in range(self.K):
+            x = self.forward_module(k, x)
+        return self.head_logits(self.K - 1, x)
+
+    def exported_state(self):
+        """Every variable except `num_batches_tracked` (the Rust side has none)."""
+        return {
+            name: t
+            for name, t in self.state_dict().items()
+            if not name.endswith("num_batches_tracked")
+        }
+
+    def load_exported(self, tensors):
+        """Loads every variable; strict except for `num_batches_tracked`. Casts to our dtype."""
+        own = self.state_dict()
+        expected = {n for n in own if not n.endswith("num_batches_tracked")}
+        missing = sorted(expected - set(tensors))
+        unexpected = sorted(set(tensors) - set(own))
+        if missing or unexpected:
+            raise KeyError(f"weights mismatch: missing {missing[:8]}, unexpected {unexpected[:8]}")
+        with torch.no_grad():
+            for name in expected:
+                dst, src = own[name], tensors[name]
+                if tuple(dst.shape) != tuple(src.shape):
+                    raise ValueError(f"{name}: shape {tuple(src.shape)} != model {tuple(dst.shape)}")
+                dst.copy_(src.to(dst.dtype))

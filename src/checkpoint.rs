@@ -116,6 +116,20 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     })
 }
 
+/// Writes named tensors to a plain safetensors file (atomically), e.g. to hand weights or a
+/// batch to another program.
+pub fn save_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    let raw: Vec<(String, Raw)> = tensors
+        .iter()
+        .map(|(n, t)| (n.clone(), to_raw(t)))
+        .collect();
+    let bytes = safetensors::serialize(raw, None).map_err(|e| Error::Checkpoint {
+        path: path.into(),
+        reason: e.to_string(),
+    })?;
+    write_atomic(path, &bytes)
+}
+
 /// Saves `net`, `opt` and `state` to `path` atomically (plus the `.json` sidecar).
 pub fn save(path: &Path, net: &SplitNet, opt: &Sgd, state: &TrainState) -> Result<()> {
     let mut tensors: Vec<(String, Raw)> = net

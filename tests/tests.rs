@@ -1,6 +1,7 @@
 //! One integration-test binary (every extra binary would link libtorch again).
 mod common;
-// mod data;
+mod data;
 mod model;
+mod reference;
 mod rules;
 mod train;

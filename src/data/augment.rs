@@ -33,8 +33,8 @@ impl Params {
 
     /// Draws crop offsets uniformly in `0..=2*PAD` and, if `flip`, mirror flags with p = 0.5.
     ///
-    /// Uses only the raw ChaCha output (see [`super::uniform_below`]) so the draws do not depend
-    /// on the `rand` version's sampling algorithms.
+    /// Uses only the raw ChaCha output (via the crate's own uniform sampler) so the draws do not
+    /// depend on the `rand` version's sampling algorithms.
     pub fn draw(rng: &mut ChaCha8Rng, n: usize, flip: bool) -> Self {
         let span = (2 * PAD + 1) as u64;
         let mut offsets = Vec::with_capacity(n);

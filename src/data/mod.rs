@@ -801,6 +801,13 @@ mod tests {
     }
 
     #[test]
+    fn batches_can_move_to_a_prefetch_thread() {
+        fn assert_send<T: Send>() {}
+        assert_send::<Batches>();
+        assert_send::<Dataset>();
+    }
+
+    #[test]
     fn permutation_is_deterministic_per_epoch() {
         let a = permutation(1000, 42, 3);
         assert_eq!(a, permutation(1000, 42, 3));

@@ -3,9 +3,8 @@
 //! It has to be *learnable*, so a training test can check that loss falls and accuracy rises,
 //! yet no single pixel should give the class away. Each class gets a fixed template made of a
 //! base pattern shared by all classes plus a small class-specific deviation; a sample is its
-//! class template plus per-pixel Gaussian noise (larger than the class
-//! deviations), quantised to `u8`. Telling classes apart therefore requires pooling evidence over
-//! many pixels. The pixel statistics come out close to mean 0.5, std 0.25, which is what
+//! class template plus per-pixel Gaussian noise (larger than the class deviations), quantised to
+//! `u8`. Telling classes apart therefore requires pooling evidence over many pixels. The pixel statistics come out close to mean 0.5, std 0.25, which is what
 //! [`super::SYNTHETIC_MEAN`]/[`super::SYNTHETIC_STD`] normalise with.
 //!
 //! Everything is drawn from ChaCha8 (never from libtorch's global RNG), with separate streams for

@@ -13,6 +13,7 @@ use crate::rules::{self, StepStats, cross_entropy};
 use crate::{Error, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
+use std::io::IsTerminal;
 use std::path::Path;
 use std::time::Instant;
 
@@ -231,6 +232,14 @@ pub fn run_with_data(
             ..saved
         };
     }
+    // A kill during a write can leave a hidden temp file; the real files are never torn.
+    for stale in [
+        ".checkpoint.safetensors.tmp",
+        ".checkpoint.json.tmp",
+        ".summary.json.tmp",
+    ] {
+        let _ = std::fs::remove_file(out.join(stale));
+    }
     // Records past the checkpoint belong to an interrupted epoch that will be redone.
     metrics::truncate_after_epoch(&metrics_path, state.epoch)?;
     metrics::truncate_after_epoch(&diag_path, state.epoch)?;
@@ -268,6 +277,7 @@ pub fn run_with_data(
     let meter = Meter::start();
     let mut last_eval = None;
     let mut consecutive_bad = 0;
+    let log_progress = !quiet && !std::io::stderr().is_terminal();
     for epoch in state.epoch..cfg.epochs {
         let batches = Batches::new(
             &ds.train,
@@ -347,12 +357,23 @@ pub fn run_with_data(
             state.global_step += 1;
             totals.add(&stats);
             let secs = start.elapsed().as_secs_f64();
-            bar.set_message(format!(
+            let status = format!(
                 "loss {:.4} acc {:.2}% {:.0} img/s",
                 totals.module_loss.last().copied().unwrap_or(0.0) / totals.samples.max(1) as f64,
                 100.0 * totals.correct as f64 / totals.samples.max(1) as f64,
                 totals.samples as f64 / secs.max(1e-9)
-            ));
+            );
+            // In a log file (no terminal, so no bar) print a line every tenth of an epoch.
+            if log_progress && (i + 1) % (steps / 10).max(1) == 0 {
+                eprintln!(
+                    "epoch {}/{} step {}/{}: {status}",
+                    epoch + 1,
+                    cfg.epochs,
+                    i + 1,
+                    steps
+                );
+            }
+            bar.set_message(status);
             bar.inc(1);
         }
         let seconds = start.elapsed().as_secs_f64();

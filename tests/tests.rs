@@ -3,5 +3,6 @@ mod common;
 mod data;
 mod model;
 mod reference;
+mod reliability;
 mod rules;
 mod train;

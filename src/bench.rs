@@ -8,11 +8,14 @@ use crate::data::Batch;
 use crate::memory::Meter;
 use crate::model::{Arch, FeatureShape, HeadKind, ModelSpec, SplitNet, SplitStrategy};
 use crate::optim::{Sgd, SgdConfig};
-use crate::rules::{self, RuleKind, SgrConfig};
+use crate::rules::{self, RuleKind, SgrConfig, SgrGrad};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
+
+/// glibc mmap threshold (bytes) used for live-memory measurements.
+pub const MMAP_THRESHOLD: usize = 1 << 20;
 
 /// One benchmark cell, as a worker measures it.
 #[derive(Debug, Clone, Serialize, Deserialize, clap::Args)]
@@ -48,11 +51,21 @@ pub struct CellArgs {
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
     /// SGR λ.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 0.1)]
     pub lambda: f64,
     /// SGR: apply the penalty every N steps.
     #[arg(long, default_value_t = 1)]
     pub sgr_every: usize,
+    /// SGR: exact double backward or finite difference.
+    #[arg(long, default_value = "exact")]
+    pub sgr_grad: SgrGrad,
+    /// Run workers with glibc's mmap threshold fixed at 1 MiB, so that every tensor of 1 MiB or
+    /// more is returned to the OS when freed and the high-water mark tracks live tensors rather
+    /// than allocator slack (set by `sgr bench memory`; it slows steps, so `bench step` leaves
+    /// the allocator alone).
+    #[arg(skip)]
+    #[serde(default)]
+    pub live_memory: bool,
 }
 
 /// One measured row.
@@ -115,9 +128,15 @@ pub fn measure(cell: &CellArgs, rule: RuleKind, modules: usize) -> Result<Row> {
         ),
         labels: Tensor::randint(cell.classes, [cell.batch_size], (Kind::Int64, Device::Cpu)),
     };
-    let meter = Meter::start();
+    // With the normal allocator, memory freed by the warm-up stays resident and would hide the
+    // peak, so the baseline is taken first. In live-memory mode freed tensors leave the RSS, so
+    // the baseline is taken after warm-up and excludes libtorch's one-time caches and pools.
+    let mut meter = Meter::start();
     let mut times = Vec::with_capacity(cell.steps);
     for step in 0..cell.warmup + cell.steps {
+        if cell.live_memory && step == cell.warmup {
+            meter = Meter::start();
+        }
         let start = Instant::now();
         opt.zero_grad();
         rule_impl.step(&net, &batch, step)?;
@@ -171,19 +190,13 @@ pub fn run_grid(
     let mut samples: Vec<Vec<Row>> = vec![Vec::new(); cells.len()];
     for _ in 0..repeats.max(1) {
         for (i, &(rule, k)) in cells.iter().enumerate() {
-            let out = std::process::Command::new(&exe)
-                .args([
-                    "bench",
-                    "worker",
-                    "--cell",
-                    &cell_json,
-                    "--rule",
-                    rule.name(),
-                    "--modules",
-                    &k.to_string(),
-                ])
-                .output()
-                .map_err(|e| Error::Config(format!("cannot start a bench worker: {e}")))?;
+            let mut cmd = std::process::Command::new(&exe);
+            let k_arg = k.to_string();
+            cmd.args(["bench", "worker", "--cell", &cell_json, "--rule", rule.name(), "--modules", &k_arg]);
+            if cell.live_memory {
+                cmd.env("MALLOC_MMAP_THRESHOLD_", MMAP_THRESHOLD.to_string());
+            }
+            let out = cmd.output().map_err(|e| Error::Config(format!("cannot start a bench worker: {e}")))?;
             if !out.status.success() {
                 return Err(Error::Config(format!(
                     "bench worker for rule {rule} K={k} failed: {}",

@@ -116,8 +116,8 @@ config_fields! {
     augment: bool = true;
     /// Stop each epoch after N steps (0 = full epochs; for smoke tests and benchmarks) [default: 0]
     max_steps_per_epoch: usize = 0;
-    /// SGR penalty weight λ [default: 1.0]
-    lambda: f64 = 1.0;
+    /// SGR penalty weight λ [default: 0.1]
+    lambda: f64 = 0.1;
     /// SGR gradient distance [default: l2]
     sgr_distance: SgrDistance = SgrDistance::L2;
     /// First module (1-based) that SGR regularises [default: 2]

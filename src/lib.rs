@@ -16,8 +16,11 @@ pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod optim;
+pub mod preset;
+pub mod report;
 pub mod rules;
 pub mod schedule;
+pub mod sweep;
 pub mod train;
 
 pub use error::{Error, Result};

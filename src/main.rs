@@ -1,4 +1,4 @@
-//! The `sgr` command line: train, evaluate, inspect data, benchmark.
+//! The `sgr` command line: train, evaluate, inspect data, benchmark, sweep presets, report.
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use sgr::bench::{self, CellArgs};
@@ -59,6 +59,27 @@ enum Command {
     Bench {
         #[command(subcommand)]
         command: BenchCommand,
+    },
+    /// Run every cell of an experiment preset, each as its own `sgr train` (finished cells are
+    /// skipped, interrupted ones resumed).
+    Sweep {
+        /// Preset name (presets/NAME.toml) or path of a preset file.
+        #[arg(long)]
+        preset: String,
+        /// Sweep folder, one run folder per cell [default: runs/<preset name>]
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Check the preset and list what would run, resume or be skipped; train nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Write report.md and plots (PNG, SVG) from a sweep folder.
+    Report {
+        /// Sweep folder (the --out of `sgr sweep`).
+        dir: PathBuf,
+        /// Report folder [default: <dir>/report]
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
 }
 
@@ -225,6 +246,58 @@ fn grid(args: &GridArgs) -> Result<()> {
     Ok(())
 }
 
+fn sweep(preset: &str, out: Option<PathBuf>, dry_run: bool) -> Result<()> {
+    let path = sgr::preset::resolve(preset)?;
+    let out =
+        out.unwrap_or_else(|| Path::new("runs").join(path.file_stem().unwrap_or(path.as_os_str())));
+    let o = sgr::sweep::run(&path, &out, dry_run)?;
+    if dry_run {
+        return Ok(());
+    }
+    println!(
+        "sweep {}: {} trained, {} skipped (already finished), {} failed -> {}",
+        path.display(),
+        o.done.len(),
+        o.skipped.len(),
+        o.failed.len(),
+        out.join("sweep.json").display()
+    );
+    if !o.failed.is_empty() {
+        let names: Vec<&str> = o.failed.iter().map(|(n, _)| n.as_str()).collect();
+        bail!(
+            "{} of {} cells failed: {} (reasons above and in {})",
+            o.failed.len(),
+            o.done.len() + o.skipped.len() + o.failed.len(),
+            names.join(", "),
+            out.join("sweep.json").display()
+        );
+    }
+    Ok(())
+}
+
+fn report(dir: &Path, out: Option<PathBuf>) -> Result<()> {
+    let out = out.unwrap_or_else(|| dir.join("report"));
+    let w = sgr::report::write(dir, &out)?;
+    let not_used: Vec<String> = w
+        .not_used
+        .iter()
+        .map(|(name, state)| format!("{name}: {state}"))
+        .collect();
+    println!(
+        "{}: {} of {} runs finished, {} plots{}",
+        w.report.display(),
+        w.finished,
+        w.total,
+        w.plots.len(),
+        if not_used.is_empty() {
+            String::new()
+        } else {
+            format!("; not used: {}", not_used.join(", "))
+        }
+    );
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Train {
@@ -257,8 +330,18 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Sweep {
+            preset,
+            out,
+            dry_run,
+        } => sweep(&preset, out, dry_run),
+        Command::Report { dir, out } => report(&dir, out),
         Command::Bench { command } => match command {
-            BenchCommand::Memory(args) | BenchCommand::Step(args) => grid(&args),
+            BenchCommand::Memory(mut args) => {
+                args.cell.live_memory = true;
+                grid(&args)
+            }
+            BenchCommand::Step(args) => grid(&args),
             BenchCommand::Worker {
                 cell,
                 rule,

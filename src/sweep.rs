@@ -3,9 +3,10 @@
 //!
 //! A sweep can be stopped and started again at any time: a cell whose `summary.json` exists is
 //! skipped, a cell with a `config.json` but no summary is continued with `sgr train --resume`
-//! (from its last checkpoint), and a cell folder that holds a run of a *different*
-//! configuration is reported as failed rather than mixed into the results. A failed cell does
-//! not stop the sweep; the outcome lists it. `<out>/sweep.json` records the preset and the
+//! (from its last checkpoint). A cell folder that holds a run of a *different* configuration
+//! (the preset was edited, or `--out` is another sweep's) stops the sweep before anything is
+//! written, rather than mixing two configurations in one folder. A cell that fails while
+//! training does not stop the sweep; the outcome lists it. `<out>/sweep.json` records the preset and the
 //! state of every cell; each cell's child output is also kept in `<cell>/train.log`.
 use crate::config::TrainConfig;
 use crate::preset::{self, Cell, Preset};
@@ -300,7 +301,10 @@ fn run_child(
         Ok(())
     } else {
         Err(last_error.or(last_line).unwrap_or_else(|| {
-            format!("sgr train exited with {status} (see {})", log_path.display())
+            format!(
+                "sgr train exited with {status} (see {})",
+                log_path.display()
+            )
         }))
     }
 }
@@ -329,16 +333,26 @@ pub fn run(preset_path: &Path, out: &Path, dry_run: bool) -> Result<Outcome> {
         for (c, p) in cells.iter().zip(&plans) {
             println!("  {:width$}  {}", c.name, describe(p));
         }
-        let conflicts = plans
-            .iter()
-            .filter(|p| matches!(p, Plan::Conflict(_)))
-            .count();
-        if conflicts > 0 {
-            return Err(Error::Config(format!(
-                "{conflicts} of {total} cells conflict with what is already in {}",
-                out.display()
-            )));
-        }
+    }
+    // A folder holding another run means the preset changed or --out is wrong: stop before
+    // anything is written, rather than mix two configurations in one sweep folder.
+    let conflicts: Vec<String> = cells
+        .iter()
+        .zip(&plans)
+        .filter_map(|(c, p)| match p {
+            Plan::Conflict(why) => Some(format!("{}: {why}", c.name)),
+            _ => None,
+        })
+        .collect();
+    if !conflicts.is_empty() {
+        return Err(Error::Config(format!(
+            "{} of {total} cells conflict with what is already in {}: {}",
+            conflicts.len(),
+            out.display(),
+            conflicts.join("; ")
+        )));
+    }
+    if dry_run {
         return Ok(Outcome::default());
     }
 
@@ -403,12 +417,15 @@ pub fn run(preset_path: &Path, out: &Path, dry_run: bool) -> Result<Outcome> {
         bar.set_message(cell.name.clone());
         let result = match p {
             Plan::Skip => {
-                say(&bar, &format!("{tag}: skipped (finished: summary.json exists)"));
+                say(
+                    &bar,
+                    &format!("{tag}: skipped (finished: summary.json exists)"),
+                );
                 outcome.skipped.push(cell.name.clone());
                 bar.inc(1);
                 continue;
             }
-            Plan::Conflict(why) => Err(why.clone()),
+            Plan::Conflict(why) => unreachable!("conflicts stop the sweep first: {why}"),
             Plan::Run | Plan::Resume { .. } => {
                 let resume = matches!(p, Plan::Resume { .. });
                 say(&bar, &format!("{tag}: {}", describe(p)));

@@ -71,7 +71,7 @@ pub struct SgrConfig {
 impl Default for SgrConfig {
     fn default() -> Self {
         SgrConfig {
-            lambda: 1.0,
+            lambda: 0.1,
             distance: SgrDistance::L2,
             from: 2,
             every: 1,

@@ -192,11 +192,22 @@ pub fn run_grid(
         for (i, &(rule, k)) in cells.iter().enumerate() {
             let mut cmd = std::process::Command::new(&exe);
             let k_arg = k.to_string();
-            cmd.args(["bench", "worker", "--cell", &cell_json, "--rule", rule.name(), "--modules", &k_arg]);
+            cmd.args([
+                "bench",
+                "worker",
+                "--cell",
+                &cell_json,
+                "--rule",
+                rule.name(),
+                "--modules",
+                &k_arg,
+            ]);
             if cell.live_memory {
                 cmd.env("MALLOC_MMAP_THRESHOLD_", MMAP_THRESHOLD.to_string());
             }
-            let out = cmd.output().map_err(|e| Error::Config(format!("cannot start a bench worker: {e}")))?;
+            let out = cmd
+                .output()
+                .map_err(|e| Error::Config(format!("cannot start a bench worker: {e}")))?;
             if !out.status.success() {
                 return Err(Error::Config(format!(
                     "bench worker for rule {rule} K={k} failed: {}",

@@ -39,15 +39,13 @@ pub struct TrainState {
     pub config: serde_json::Value,
 }
 
-/// A loaded checkpoint.
-pub struct Checkpoint {
-    /// Model variables by name.
-    pub variables: HashMap<String, Tensor>,
-    /// Momentum buffers by variable name.
-    pub momentum: HashMap<String, Tensor>,
-    /// Training state.
-    pub state: TrainState,
-}
+/// A loaded checkpoint: model variables and momentum buffers (both by variable name), and the
+/// training state when the file was written by [`save`].
+pub type Loaded = (
+    HashMap<String, Tensor>,
+    HashMap<String, Tensor>,
+    Option<TrainState>,
+);
 
 struct Raw {
     dtype: Dtype,
@@ -156,13 +154,7 @@ pub fn save(path: &Path, net: &SplitNet, opt: &Sgd, state: &TrainState) -> Resul
 
 /// Reads a checkpoint written by [`save`] (or a plain safetensors file of model variables, in
 /// which case the state is `None`).
-pub fn load(
-    path: &Path,
-) -> Result<(
-    HashMap<String, Tensor>,
-    HashMap<String, Tensor>,
-    Option<TrainState>,
-)> {
+pub fn load(path: &Path) -> Result<Loaded> {
     let bad = |reason: String| Error::Checkpoint {
         path: path.into(),
         reason,
@@ -215,12 +207,13 @@ pub fn load_into(
         reason,
     };
     let mut ours = net.vs.variables();
-    if !allow_extra {
-        if let Some(extra) = variables.keys().find(|k| !ours.contains_key(*k)) {
-            return Err(bad(format!(
-                "has variable `{extra}` that this model lacks (different model or --modules?)"
-            )));
-        }
+    if let Some(extra) = variables
+        .keys()
+        .find(|k| !allow_extra && !ours.contains_key(*k))
+    {
+        return Err(bad(format!(
+            "has variable `{extra}` that this model lacks (different model or --modules?)"
+        )));
     }
     tch::no_grad(|| {
         for (name, var) in ours.iter_mut() {

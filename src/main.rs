@@ -33,7 +33,7 @@ enum Command {
         #[arg(long)]
         quiet: bool,
         #[command(flatten)]
-        options: TrainOptions,
+        options: Box<TrainOptions>,
     },
     /// Print the test accuracy of a checkpoint (every head).
     Eval {

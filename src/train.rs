@@ -314,7 +314,7 @@ pub fn run_with_data(
         for (i, batch) in batches.take(steps).enumerate() {
             let lr = schedule.lr(epoch, i, full, cfg.epochs);
             if cfg.diag_every > 0
-                && state.global_step % cfg.diag_every == 0
+                && state.global_step.is_multiple_of(cfg.diag_every)
                 && net.num_modules() > 1
             {
                 let d = diagnostics::measure(&net, &batch);

@@ -5,4 +5,5 @@ mod model;
 mod reference;
 mod reliability;
 mod rules;
+mod sweep_report;
 mod train;

@@ -22,6 +22,8 @@ pub enum HeadKind {
 const MLP_HIDDEN: i64 = 128;
 
 /// A classifier on a feature map `[B, C, H, W]` giving logits `[B, classes]`.
+// Built once per module, so the size difference between variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Head {
     /// See [`HeadKind::Conv`].

@@ -105,7 +105,7 @@ fn ranges_from_cuts(arch: Arch, cuts: &[[usize; 2]]) -> Result<Vec<Range<usize>>
         } else {
             1 + (stage - 1) * n + block
         };
-        if stage > 3 || block >= n || last + 1 <= start || last + 1 >= units {
+        if stage > 3 || block >= n || last < start || last + 1 >= units {
             return Err(Error::Config(format!(
                 "invalid cut [{stage}, {block}] for {arch}"
             )));

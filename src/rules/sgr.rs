@@ -100,7 +100,7 @@ impl Rule for Sgr {
         let cfg = &self.0;
         let modules = net.num_modules();
         let exact = cfg.grad == SgrGrad::Exact;
-        let active = cfg.lambda != 0.0 && global_step % cfg.every.max(1) == 0;
+        let active = cfg.lambda != 0.0 && global_step.is_multiple_of(cfg.every.max(1));
         let mut stats = StepStats {
             penalties: vec![0.0; modules],
             samples: batch.labels.size()[0],

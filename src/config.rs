@@ -166,7 +166,7 @@ pub fn parse_options(text: &str) -> std::result::Result<TrainOptions, String> {
     toml::from_str::<TrainOptions>(text).map_err(|e| {
         let line = e
             .span()
-            .map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+            .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
         let msg = e.message().replace('\n', " ");
         match line {
             Some(l) => format!("line {l}: {msg}"),

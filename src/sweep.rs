@@ -356,12 +356,13 @@ pub fn run(preset_path: &Path, out: &Path, dry_run: bool) -> Result<Outcome> {
         return Ok(Outcome::default());
     }
 
-    // Check the data once, not once per failing cell.
+    // Check the device and the data once, not once per failing cell.
     if plans
         .iter()
         .any(|p| matches!(p, Plan::Run | Plan::Resume { .. }))
     {
         let cfg = &cells[0].config;
+        cfg.tch_device()?;
         crate::data::load(cfg.data, &cfg.data_dir)?;
     }
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;

@@ -259,3 +259,185 @@ pub fn table(rows: &[Row]) -> String {
     }
     s
 }
+
+/// One row of `sgr bench compare`: the same cell in sgr and in the PyTorch reference.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CompareRow {
+    /// Rule.
+    pub rule: RuleKind,
+    /// K.
+    pub modules: usize,
+    /// Median ms/step of sgr (median over repeats of each worker's median).
+    pub sgr_ms_per_step: f64,
+    /// Median ms/step of the PyTorch reference.
+    pub pytorch_ms_per_step: f64,
+    /// PyTorch time / sgr time (> 1: sgr is faster).
+    pub speed_ratio: f64,
+    /// Median peak memory above baseline of sgr, bytes.
+    pub sgr_peak_memory_bytes: u64,
+    /// Median peak memory above baseline of PyTorch, bytes.
+    pub pytorch_peak_memory_bytes: u64,
+    /// sgr memory / PyTorch memory (< 1: sgr is leaner).
+    pub memory_ratio: f64,
+}
+
+#[derive(Deserialize)]
+struct ReferenceRow {
+    ms_per_step: f64,
+    peak_memory_bytes: u64,
+}
+
+fn median<T: Copy + PartialOrd>(mut v: Vec<T>) -> T {
+    v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+    v[v.len() / 2]
+}
+
+fn run_json(cmd: &mut std::process::Command, what: &str) -> Result<String> {
+    let out = cmd
+        .output()
+        .map_err(|e| Error::Config(format!("cannot start {what}: {e}")))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        return Err(Error::Config(format!(
+            "{what} failed: {}",
+            err.lines().last().unwrap_or("").trim()
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .lines()
+        .last()
+        .unwrap_or("")
+        .to_string())
+}
+
+/// Runs every (rule, K) cell alternately in an sgr worker and a PyTorch reference worker
+/// (`python reference bench ...`), `repeats` times, with the same thread count, steps,
+/// warm-up, input and memory method (high-water mark above each process's baseline).
+pub fn run_compare(
+    cell: &CellArgs,
+    rules_list: &[RuleKind],
+    ks: &[usize],
+    repeats: usize,
+    python: &std::path::Path,
+    reference: &std::path::Path,
+) -> Result<Vec<CompareRow>> {
+    let exe = std::env::current_exe()
+        .map_err(|e| Error::Config(format!("cannot find the sgr binary: {e}")))?;
+    if !reference.exists() {
+        return Err(Error::Config(format!(
+            "PyTorch reference not found: {}",
+            reference.display()
+        )));
+    }
+    // Both sides must use the same explicit thread count.
+    let mut cell = cell.clone();
+    if cell.threads == 0 {
+        cell.threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    }
+    let cell = &cell;
+    let cell_json = serde_json::to_string(cell).expect("cell serialises");
+    let mut rows = Vec::new();
+    for &rule in rules_list {
+        for &k in ks {
+            crate::model::splits::split(
+                cell.model,
+                k,
+                cell.split,
+                &vec![1; cell.model.num_units()],
+            )?;
+            let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+            for _ in 0..repeats.max(1) {
+                let k_arg = k.to_string();
+                let text = run_json(
+                    std::process::Command::new(&exe).args([
+                        "bench",
+                        "worker",
+                        "--cell",
+                        &cell_json,
+                        "--rule",
+                        rule.name(),
+                        "--modules",
+                        &k_arg,
+                    ]),
+                    "sgr bench worker",
+                )?;
+                let row: Row = serde_json::from_str(&text)
+                    .map_err(|e| Error::Config(format!("bad worker output ({e}): {text}")))?;
+                ours.push(row);
+                let text = run_json(
+                    std::process::Command::new(python).arg(reference).args([
+                        "bench",
+                        "--model",
+                        cell.model.name(),
+                        "--batch-size",
+                        &cell.batch_size.to_string(),
+                        "--modules",
+                        &k_arg,
+                        "--rule",
+                        rule.name(),
+                        "--aux-head",
+                        &format!("{:?}", cell.aux_head).to_lowercase(),
+                        "--steps",
+                        &cell.steps.to_string(),
+                        "--warmup",
+                        &cell.warmup.to_string(),
+                        "--threads",
+                        &cell.threads.max(1).to_string(),
+                        "--in-channels",
+                        &cell.channels.to_string(),
+                        "--size",
+                        &cell.size.to_string(),
+                        "--classes",
+                        &cell.classes.to_string(),
+                        "--lambda",
+                        &cell.lambda.to_string(),
+                        "--sgr-every",
+                        &cell.sgr_every.to_string(),
+                    ]),
+                    "the PyTorch reference",
+                )?;
+                let row: ReferenceRow = serde_json::from_str(&text)
+                    .map_err(|e| Error::Config(format!("bad reference output ({e}): {text}")))?;
+                theirs.push(row);
+            }
+            let sgr_ms = median(ours.iter().map(|r| r.ms_per_step).collect());
+            let py_ms = median(theirs.iter().map(|r| r.ms_per_step).collect());
+            let sgr_mem = median(ours.iter().map(|r| r.peak_memory_bytes).collect());
+            let py_mem = median(theirs.iter().map(|r| r.peak_memory_bytes).collect());
+            rows.push(CompareRow {
+                rule,
+                modules: k,
+                sgr_ms_per_step: sgr_ms,
+                pytorch_ms_per_step: py_ms,
+                speed_ratio: py_ms / sgr_ms,
+                sgr_peak_memory_bytes: sgr_mem,
+                pytorch_peak_memory_bytes: py_mem,
+                memory_ratio: sgr_mem as f64 / (py_mem as f64).max(1.0),
+            });
+        }
+    }
+    Ok(rows)
+}
+
+/// Renders compare rows as a Markdown table.
+pub fn compare_table(rows: &[CompareRow]) -> String {
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    let mut s = String::from(
+        "| rule | K | sgr ms/step | PyTorch ms/step | PyTorch/sgr time | sgr peak MiB | PyTorch peak MiB | sgr/PyTorch memory |\n|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in rows {
+        s.push_str(&format!(
+            "| {} | {} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {:.2} |\n",
+            r.rule,
+            r.modules,
+            r.sgr_ms_per_step,
+            r.pytorch_ms_per_step,
+            r.speed_ratio,
+            mib(r.sgr_peak_memory_bytes),
+            mib(r.pytorch_peak_memory_bytes),
+            r.memory_ratio
+        ));
+    }
+    s
+}

@@ -123,6 +123,17 @@ enum BenchCommand {
     Memory(GridArgs),
     /// Milliseconds per training step and peak memory per rule and K.
     Step(GridArgs),
+    /// sgr against the PyTorch reference (bench/reference), alternating processes.
+    Compare {
+        #[command(flatten)]
+        grid: GridArgs,
+        /// Python with torch (default: the project's .venv).
+        #[arg(long)]
+        python: Option<PathBuf>,
+        /// The reference script (default: bench/reference/sgr_ref.py of this checkout).
+        #[arg(long)]
+        reference: Option<PathBuf>,
+    },
     /// Internal: measure one cell and print it as JSON.
     #[command(hide = true)]
     Worker {
@@ -342,6 +353,42 @@ fn run(cli: Cli) -> Result<()> {
                 grid(&args)
             }
             BenchCommand::Step(args) => grid(&args),
+            BenchCommand::Compare {
+                grid,
+                python,
+                reference,
+            } => {
+                let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+                let python = python.unwrap_or_else(|| root.join(".venv/bin/python"));
+                let reference =
+                    reference.unwrap_or_else(|| root.join("bench/reference/sgr_ref.py"));
+                let rows = bench::run_compare(
+                    &grid.cell,
+                    &grid.rule,
+                    &grid.modules,
+                    grid.repeats,
+                    &python,
+                    &reference,
+                )?;
+                if grid.json {
+                    println!("{}", serde_json::to_string_pretty(&rows)?);
+                } else {
+                    println!(
+                        "{} batch {} input {}x{}x{}, {} thread(s), median of {} steps after {} warm-up, {} alternating repeat(s)",
+                        grid.cell.model,
+                        grid.cell.batch_size,
+                        grid.cell.channels,
+                        grid.cell.size,
+                        grid.cell.size,
+                        grid.cell.threads.max(1),
+                        grid.cell.steps,
+                        grid.cell.warmup,
+                        grid.repeats
+                    );
+                    print!("{}", bench::compare_table(&rows));
+                }
+                Ok(())
+            }
             BenchCommand::Worker {
                 cell,
                 rule,

@@ -204,3 +204,60 @@ fn full_disk_fails_at_the_write_and_keeps_the_last_checkpoint() {
     assert_eq!(assert_intact(&run), 1);
     assert!(!run.join("summary.json").exists());
 }
+
+mod hostile {
+    //! Random and truncated bytes fed to every parser that reads user files: each returns an
+    //! error or a value, never panics.
+    use proptest::prelude::*;
+
+    const GOOD_CONFIG: &str = "model = \"resnet32\"\nrule = \"sgr\"\nmodules = 8\nlr = 0.1\nmilestones = [2, 4]\nlambda = 0.1\n";
+
+    fn valid_checkpoint() -> Vec<u8> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.safetensors");
+        let t = tch::Tensor::arange(12, (tch::Kind::Float, tch::Device::Cpu)).view([3, 4]);
+        sgr::checkpoint::save_tensors(&path, &[("fc.weight".into(), t)]).unwrap();
+        std::fs::read(path).unwrap()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+        #[test]
+        fn config_parser_never_panics(text in "\\PC{0,200}") {
+            let _ = sgr::config::parse_options(&text);
+            let _ = sgr::preset::parse(&text);
+        }
+
+        #[test]
+        fn truncated_configs_never_panic(cut in 0usize..GOOD_CONFIG.len()) {
+            let _ = sgr::config::parse_options(&GOOD_CONFIG[..cut]);
+            let _ = sgr::preset::parse(&GOOD_CONFIG[..cut]);
+        }
+
+        #[test]
+        fn checkpoint_reader_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512), cut in 0usize..200) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("c.safetensors");
+            std::fs::write(&path, &bytes).unwrap();
+            prop_assert!(sgr::checkpoint::load(&path).is_err() || bytes.len() >= 8);
+            // A real checkpoint cut short is an error, not a panic.
+            let good = valid_checkpoint();
+            let cut = cut.min(good.len() - 1);
+            std::fs::write(&path, &good[..cut]).unwrap();
+            prop_assert!(sgr::checkpoint::load(&path).is_err());
+            // The sidecar is only informational, but a run config.json is read on --resume.
+            let _ = serde_json::from_slice::<sgr::config::TrainConfig>(&bytes);
+        }
+    }
+
+    #[test]
+    fn checkpoint_with_a_huge_header_length_is_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.safetensors");
+        let mut bytes = (1u64 << 40).to_le_bytes().to_vec();
+        bytes.extend_from_slice(b"{}");
+        std::fs::write(&path, bytes).unwrap();
+        assert!(sgr::checkpoint::load(&path).is_err());
+    }
+}

@@ -7,12 +7,13 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// An I/O failure on a named file or folder.
-    #[error("{}: {source}", path.display())]
+    // The I/O error is part of the message, not a `source`: a cause chain would print it twice.
+    #[error("{}: {err}", path.display())]
     Io {
         /// The file or folder involved.
         path: PathBuf,
         /// The underlying error.
-        source: std::io::Error,
+        err: std::io::Error,
     },
     /// A data file that exists but is not what it should be (bad magic, truncated, bad label).
     #[error("{}: {reason}", path.display())]
@@ -37,7 +38,7 @@ pub enum Error {
     #[error("{0}")]
     NonFinite(String),
     /// An error reported by libtorch.
-    #[error("libtorch: {0}")]
+    #[error(transparent)]
     Torch(#[from] tch::TchError),
 }
 
@@ -49,7 +50,7 @@ impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            err: source,
         }
     }
     /// A data-format error on `path`.

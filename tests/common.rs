@@ -6,7 +6,6 @@ use tch::{Device, Kind, Tensor};
 
 /// A tiny ResNet-20 cut into `modules` even modules, on `c`x`s`x`s` inputs with 3 classes.
 pub fn tiny_net(modules: usize, c: i64, s: i64, double: bool, seed: i64) -> SplitNet {
-    tch::manual_seed(seed);
     let spec = ModelSpec {
         arch: Arch::Resnet20,
         modules,
@@ -15,7 +14,8 @@ pub fn tiny_net(modules: usize, c: i64, s: i64, double: bool, seed: i64) -> Spli
         input: FeatureShape { c, h: s, w: s },
         classes: 3,
     };
-    let mut net = SplitNet::new(&spec, Device::Cpu).unwrap();
+    // Seed and draw under the library's lock: the tests run on several threads.
+    let mut net = sgr::model::with_seed(seed, || SplitNet::new(&spec, Device::Cpu)).unwrap();
     if double {
         net.vs.double();
     }
@@ -24,12 +24,11 @@ pub fn tiny_net(modules: usize, c: i64, s: i64, double: bool, seed: i64) -> Spli
 
 /// A random batch matching [`tiny_net`].
 pub fn tiny_batch(b: i64, c: i64, s: i64, double: bool, seed: i64) -> Batch {
-    tch::manual_seed(seed);
     let kind = if double { Kind::Double } else { Kind::Float };
-    Batch {
+    sgr::model::with_seed(seed, || Batch {
         images: Tensor::randn([b, c, s, s], (kind, Device::Cpu)),
         labels: Tensor::randint(3, [b], (Kind::Int64, Device::Cpu)),
-    }
+    })
 }
 
 /// Every trainable variable's gradient (zeros where undefined), by name.

@@ -17,6 +17,17 @@ use serde::{Deserialize, Serialize};
 use std::ops::Range;
 use tch::{Device, Tensor, nn, nn::ModuleT};
 
+/// libtorch's random generator is process-global; this lock keeps "seed, then draw" atomic when
+/// several threads build models (tests, or a library user training in threads).
+static SEED_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Seeds libtorch's generator with `seed` and runs `f` while no other `with_seed` can draw.
+pub fn with_seed<T>(seed: i64, f: impl FnOnce() -> T) -> T {
+    let _guard = SEED_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    tch::manual_seed(seed);
+    f()
+}
+
 /// Shape of one sample's feature map.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FeatureShape {

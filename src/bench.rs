@@ -244,26 +244,53 @@ pub fn run_grid(
     Ok(rows)
 }
 
-/// Renders rows as a Markdown table.
-pub fn table(rows: &[Row]) -> String {
-    let mib = |b: f64| b / (1024.0 * 1024.0);
-    let mut s = String::from(
-        "| rule | K | ms/step (median) | ms/step (mean) | time vs bp | peak MiB | memory vs bp | largest module activations MiB |\n|---|---|---|---|---|---|---|---|\n",
+/// A Markdown table from a header row and data rows.
+fn markdown(header: &[&str], rows: impl Iterator<Item = Vec<String>>) -> String {
+    let mut s = format!(
+        "| {} |\n|{}\n",
+        header.join(" | "),
+        "---|".repeat(header.len())
     );
-    for r in rows {
-        s.push_str(&format!(
-            "| {} | {} | {:.0} | {:.0} | {:.2} | {:.0} | {:.2} | {:.1} |\n",
-            r.rule,
-            r.modules,
-            r.ms_per_step,
-            r.ms_mean,
-            r.time_ratio_to_bp,
-            mib(r.peak_memory_bytes as f64),
-            r.memory_ratio_to_bp,
-            mib(r.largest_module_activation_bytes as f64)
-        ));
+    for row in rows {
+        s.push_str(&format!("| {} |\n", row.join(" | ")));
     }
     s
+}
+
+fn mib(bytes: f64) -> String {
+    format!("{:.0}", bytes / (1024.0 * 1024.0))
+}
+
+/// Renders rows as a Markdown table.
+pub fn table(rows: &[Row]) -> String {
+    let header = [
+        "rule",
+        "K",
+        "ms/step (median)",
+        "ms/step (mean)",
+        "time vs bp",
+        "peak MiB",
+        "memory vs bp",
+        "largest module activations MiB",
+    ];
+    markdown(
+        &header,
+        rows.iter().map(|r| {
+            vec![
+                r.rule.to_string(),
+                r.modules.to_string(),
+                format!("{:.0}", r.ms_per_step),
+                format!("{:.0}", r.ms_mean),
+                format!("{:.2}", r.time_ratio_to_bp),
+                mib(r.peak_memory_bytes as f64),
+                format!("{:.2}", r.memory_ratio_to_bp),
+                format!(
+                    "{:.1}",
+                    r.largest_module_activation_bytes as f64 / (1024.0 * 1024.0)
+                ),
+            ]
+        }),
+    )
 }
 
 /// One row of `sgr bench compare`: the same cell in sgr and in the PyTorch reference.
@@ -428,22 +455,29 @@ pub fn run_compare(
 
 /// Renders compare rows as a Markdown table.
 pub fn compare_table(rows: &[CompareRow]) -> String {
-    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
-    let mut s = String::from(
-        "| rule | K | sgr ms/step | PyTorch ms/step | PyTorch/sgr time | sgr peak MiB | PyTorch peak MiB | sgr/PyTorch memory |\n|---|---|---|---|---|---|---|---|\n",
-    );
-    for r in rows {
-        s.push_str(&format!(
-            "| {} | {} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {:.2} |\n",
-            r.rule,
-            r.modules,
-            r.sgr_ms_per_step,
-            r.pytorch_ms_per_step,
-            r.speed_ratio,
-            mib(r.sgr_peak_memory_bytes),
-            mib(r.pytorch_peak_memory_bytes),
-            r.memory_ratio
-        ));
-    }
-    s
+    let header = [
+        "rule",
+        "K",
+        "sgr ms/step",
+        "PyTorch ms/step",
+        "PyTorch/sgr time",
+        "sgr peak MiB",
+        "PyTorch peak MiB",
+        "sgr/PyTorch memory",
+    ];
+    markdown(
+        &header,
+        rows.iter().map(|r| {
+            vec![
+                r.rule.to_string(),
+                r.modules.to_string(),
+                format!("{:.0}", r.sgr_ms_per_step),
+                format!("{:.0}", r.pytorch_ms_per_step),
+                format!("{:.2}", r.speed_ratio),
+                mib(r.sgr_peak_memory_bytes as f64),
+                mib(r.pytorch_peak_memory_bytes as f64),
+                format!("{:.2}", r.memory_ratio),
+            ]
+        }),
+    )
 }

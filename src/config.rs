@@ -163,7 +163,13 @@ pub fn read_options_file(path: &Path) -> Result<TrainOptions> {
 
 /// Parses TOML config text into options; the error is one line (`line N: message`).
 pub fn parse_options(text: &str) -> std::result::Result<TrainOptions, String> {
-    toml::from_str::<TrainOptions>(text).map_err(|e| {
+    parse_toml(text)
+}
+
+/// Deserialises TOML text; the error is one line, `line N: message`, so that the binary can
+/// print it as a single `error:` line.
+pub fn parse_toml<T: serde::de::DeserializeOwned>(text: &str) -> std::result::Result<T, String> {
+    toml::from_str::<T>(text).map_err(|e| {
         let line = e
             .span()
             .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);

@@ -90,16 +90,7 @@ const GRID: &[(&str, &str)] = &[("rule", "rules"), ("modules", "modules"), ("see
 
 /// Parses preset TOML; the error is one line (`line N: message`).
 pub fn parse(text: &str) -> std::result::Result<Preset, String> {
-    toml::from_str::<Preset>(text).map_err(|e| {
-        let line = e
-            .span()
-            .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
-        let msg = e.message().replace('\n', " ");
-        match line {
-            Some(l) => format!("line {l}: {msg}"),
-            None => msg,
-        }
-    })
+    crate::config::parse_toml(text)
 }
 
 /// Reads and checks a preset file: parses it, then builds and validates every cell. Errors name

@@ -1,4 +1,5 @@
 //! One integration-test binary (every extra binary would link libtorch again).
+mod bench;
 mod common;
 mod data;
 mod model;

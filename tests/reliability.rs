@@ -108,8 +108,17 @@ fn sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run() {
         .enumerate()
     {
         let mut child = spawn(&args);
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while saved_epoch(&killed) < after_epoch && Instant::now() < deadline {
+        // Round 0 waits for the run to exist (config.json), the others for a saved epoch; on a
+        // loaded machine start-up alone can take seconds.
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while (!killed.join("config.json").exists() || saved_epoch(&killed) < after_epoch)
+            && Instant::now() < deadline
+        {
+            if let Some(status) = child.try_wait().unwrap() {
+                let mut err = String::new();
+                std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+                panic!("round {round}: the run ended before the kill ({status}): {err}");
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
         std::thread::sleep(Duration::from_millis(delay_ms));

@@ -52,17 +52,7 @@ pub fn measure(net: &SplitNet, batch: &Batch) -> Discord {
             input_grads.push(g.pop().unwrap());
             h = h_out.detach();
         }
-        // Global gradients at every boundary: one end-to-end forward with the graph kept.
-        let mut boundaries = Vec::with_capacity(modules - 1);
-        let mut h = batch.images.shallow_clone();
-        for k in 0..modules {
-            h = net.forward_module(k, &h, true);
-            if k + 1 < modules {
-                boundaries.push(h.shallow_clone());
-            }
-        }
-        let loss = cross_entropy(&net.head_logits(modules - 1, &h, true), &batch.labels);
-        let global = Tensor::run_backward(&[&loss], &boundaries, false, false);
+        let global = global_boundary_grads(net, batch);
         let mut d = Discord::default();
         for b in 1..modules {
             let (g_in, g_out) = (&input_grads[b], &output_grads[b - 1]);
@@ -74,4 +64,37 @@ pub fn measure(net: &SplitNet, batch: &Batch) -> Discord {
         }
         d
     })
+}
+
+/// The gradient global back-propagation delivers at every boundary, `∂L_K/∂h_b` for
+/// b = 1..K-1 (module outputs 0..K-2), computed module by module: one forward without a graph
+/// keeps only the boundary activations, then a backward sweep recomputes each module from its
+/// input and pushes the upstream gradient through it (`∂⟨f_k(h), u⟩/∂h = J_kᵀ u`). Peak memory
+/// is one module's graph; the values equal an end-to-end backward (BatchNorm uses the same
+/// batch statistics in both passes). Call inside [`SplitNet::with_frozen_buffers`].
+pub fn global_boundary_grads(net: &SplitNet, batch: &Batch) -> Vec<Tensor> {
+    let modules = net.num_modules();
+    let mut inputs = Vec::with_capacity(modules);
+    let mut h = batch.images.shallow_clone();
+    tch::no_grad(|| {
+        for k in 0..modules {
+            let out = net.forward_module(k, &h, true);
+            inputs.push(std::mem::replace(&mut h, out));
+        }
+    });
+    let mut grads = Vec::with_capacity(modules - 1);
+    let mut upstream: Option<Tensor> = None;
+    for k in (1..modules).rev() {
+        let h_in = inputs[k].detach().set_requires_grad(true);
+        let out = net.forward_module(k, &h_in, true);
+        let scalar = match &upstream {
+            None => cross_entropy(&net.head_logits(k, &out, true), &batch.labels),
+            Some(u) => (&out * u).sum(out.kind()),
+        };
+        let g = Tensor::run_backward(&[&scalar], &[&h_in], false, false).remove(0);
+        grads.push(g.shallow_clone());
+        upstream = Some(g);
+    }
+    grads.reverse();
+    grads
 }

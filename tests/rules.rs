@@ -302,3 +302,27 @@ fn sgr_every_n_steps_is_dgl_in_between() {
         .unwrap();
     assert_eq!(max_abs_diff(&grads(&a), &grads(&b)), 0.0);
 }
+
+#[test]
+fn module_by_module_global_gradients_equal_end_to_end_backprop() {
+    let batch = tiny_batch(6, 2, 8, true, 30);
+    let net = tiny_net(4, 2, 8, true, 31);
+    let ours = net.with_frozen_buffers(|| sgr::diagnostics::global_boundary_grads(&net, &batch));
+    let reference = net.with_frozen_buffers(|| {
+        let mut boundaries = Vec::new();
+        let mut h = batch.images.shallow_clone();
+        for k in 0..4 {
+            h = net.forward_module(k, &h, true);
+            if k < 3 {
+                boundaries.push(h.shallow_clone());
+            }
+        }
+        let loss = cross_entropy(&net.head_logits(3, &h, true), &batch.labels);
+        Tensor::run_backward(&[&loss], &boundaries, false, false)
+    });
+    assert_eq!(ours.len(), 3);
+    for (a, b) in ours.iter().zip(&reference) {
+        let err = (a - b).norm().double_value(&[]) / b.norm().double_value(&[]);
+        assert!(err < 1e-10, "{err:e}");
+    }
+}

@@ -195,44 +195,17 @@ pub fn run_grid(
     let mut samples: Vec<Vec<Row>> = vec![Vec::new(); cells.len()];
     for _ in 0..repeats.max(1) {
         for (i, &(rule, k)) in cells.iter().enumerate() {
-            let mut cmd = std::process::Command::new(&exe);
-            let k_arg = k.to_string();
-            cmd.args([
-                "bench",
-                "worker",
-                "--cell",
-                &cell_json,
-                "--rule",
-                rule.name(),
-                "--modules",
-                &k_arg,
-            ]);
-            if cell.live_memory {
-                cmd.env("MALLOC_MMAP_THRESHOLD_", MMAP_THRESHOLD.to_string());
-            }
-            let out = cmd
-                .output()
-                .map_err(|e| Error::Config(format!("cannot start a bench worker: {e}")))?;
-            if !out.status.success() {
-                return Err(Error::Config(format!(
-                    "bench worker for rule {rule} K={k} failed: {}",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                )));
-            }
-            let text = String::from_utf8_lossy(&out.stdout);
-            let row: Row = serde_json::from_str(text.trim())
-                .map_err(|e| Error::Config(format!("bad worker output ({e}): {text}")))?;
+            let row = worker_row(&exe, cell, &cell_json, rule, k)?;
             samples[i].push(row);
         }
     }
     let mut rows: Vec<Row> = samples
         .into_iter()
         .map(|mut rs| {
+            let peak = median(rs.iter().map(|r| r.peak_memory_bytes).collect());
             rs.sort_by(|a, b| a.ms_per_step.total_cmp(&b.ms_per_step));
             let mut row = rs[rs.len() / 2].clone();
-            let mut peaks: Vec<u64> = rs.iter().map(|r| r.peak_memory_bytes).collect();
-            peaks.sort();
-            row.peak_memory_bytes = peaks[peaks.len() / 2];
+            row.peak_memory_bytes = peak;
             row
         })
         .collect();
@@ -344,6 +317,35 @@ fn run_json(cmd: &mut std::process::Command, what: &str) -> Result<String> {
         .to_string())
 }
 
+/// Measures one cell in a child `sgr bench worker` process (with the live-memory allocator
+/// setting when `cell.live_memory`).
+fn worker_row(
+    exe: &std::path::Path,
+    cell: &CellArgs,
+    cell_json: &str,
+    rule: RuleKind,
+    k: usize,
+) -> Result<Row> {
+    let k_arg = k.to_string();
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args([
+        "bench",
+        "worker",
+        "--cell",
+        cell_json,
+        "--rule",
+        rule.name(),
+        "--modules",
+        &k_arg,
+    ]);
+    if cell.live_memory {
+        cmd.env("MALLOC_MMAP_THRESHOLD_", MMAP_THRESHOLD.to_string());
+    }
+    let text = run_json(&mut cmd, &format!("bench worker for rule {rule} K={k}"))?;
+    serde_json::from_str(&text)
+        .map_err(|e| Error::Config(format!("bad worker output ({e}): {text}")))
+}
+
 /// Runs every (rule, K) cell alternately in an sgr worker and a PyTorch reference worker
 /// (`python reference bench ...`), `repeats` times, with the same thread count, steps,
 /// warm-up, input and memory method (high-water mark above each process's baseline).
@@ -380,23 +382,9 @@ pub fn run_compare(
                 &vec![1; cell.model.num_units()],
             )?;
             let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+            let k_arg = k.to_string();
             for _ in 0..repeats.max(1) {
-                let k_arg = k.to_string();
-                let text = run_json(
-                    std::process::Command::new(&exe).args([
-                        "bench",
-                        "worker",
-                        "--cell",
-                        &cell_json,
-                        "--rule",
-                        rule.name(),
-                        "--modules",
-                        &k_arg,
-                    ]),
-                    "sgr bench worker",
-                )?;
-                let row: Row = serde_json::from_str(&text)
-                    .map_err(|e| Error::Config(format!("bad worker output ({e}): {text}")))?;
+                let row = worker_row(&exe, cell, &cell_json, rule, k)?;
                 ours.push(row);
                 let text = run_json(
                     std::process::Command::new(python).arg(reference).args([

@@ -3,7 +3,7 @@
 //! The backbone and classifier get the gradient of the last loss only. When K > 1, the auxiliary
 //! heads still exist and are trained on *detached* module outputs, so they act as depth-wise
 //! probes (their accuracies are comparable to the local rules') without changing the backbone.
-use super::{Rule, StepStats, correct, cross_entropy, scalar};
+use super::{Rule, StepRecorder, StepStats, cross_entropy};
 use crate::Result;
 use crate::data::Batch;
 use crate::model::SplitNet;
@@ -16,8 +16,7 @@ impl Rule for Bp {
         let modules = net.num_modules();
         let mut h = batch.images.shallow_clone();
         let mut total = None;
-        let mut module_losses = Vec::with_capacity(modules);
-        let mut right = 0;
+        let mut record = StepRecorder::new(modules, batch.labels.size()[0]);
         for k in 0..modules {
             h = net.forward_module(k, &h, true);
             let last = k + 1 == modules;
@@ -25,10 +24,7 @@ impl Rule for Bp {
             let head_input = if last { h.shallow_clone() } else { h.detach() };
             let logits = net.head_logits(k, &head_input, true);
             let loss = cross_entropy(&logits, &batch.labels);
-            if last {
-                right = correct(&logits, &batch.labels);
-            }
-            module_losses.push(scalar(&loss));
+            record.loss(&loss, &logits, &batch.labels, last);
             total = Some(match total {
                 None => loss,
                 Some(t) => t + loss,
@@ -37,11 +33,6 @@ impl Rule for Bp {
         if let Some(total) = total {
             total.backward();
         }
-        Ok(StepStats {
-            penalties: vec![0.0; modules],
-            module_losses,
-            correct: right,
-            samples: batch.labels.size()[0],
-        })
+        Ok(record.finish())
     }
 }

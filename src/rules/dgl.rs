@@ -4,7 +4,7 @@
 //! *detached*, so its local loss L_k = CE(head_k(f_k(sg(h_{k-1}))), y) reaches only θ_k and the
 //! head's parameters. Its graph is released by its own backward before module k+1 runs, which
 //! is where the memory saving comes from: only one module's activations are alive at a time.
-use super::{Rule, StepStats, correct, cross_entropy, scalar};
+use super::{Rule, StepRecorder, StepStats, cross_entropy};
 use crate::Result;
 use crate::data::Batch;
 use crate::model::SplitNet;
@@ -16,22 +16,15 @@ impl Rule for Dgl {
     fn step(&self, net: &SplitNet, batch: &Batch, _global_step: usize) -> Result<StepStats> {
         let modules = net.num_modules();
         let mut h = batch.images.shallow_clone();
-        let mut stats = StepStats {
-            penalties: vec![0.0; modules],
-            samples: batch.labels.size()[0],
-            ..Default::default()
-        };
+        let mut record = StepRecorder::new(modules, batch.labels.size()[0]);
         for k in 0..modules {
             let h_out = net.forward_module(k, &h.detach(), true);
             let logits = net.head_logits(k, &h_out, true);
             let loss = cross_entropy(&logits, &batch.labels);
             loss.backward(); // frees module k's graph
-            stats.module_losses.push(scalar(&loss));
-            if k + 1 == modules {
-                stats.correct = correct(&logits, &batch.labels);
-            }
+            record.loss(&loss, &logits, &batch.labels, k + 1 == modules);
             h = h_out.detach();
         }
-        Ok(stats)
+        Ok(record.finish())
     }
 }

@@ -90,14 +90,81 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Tensor {
 
 /// Number of rows of `logits` whose arg-max equals the label.
 pub fn correct(logits: &Tensor, labels: &Tensor) -> i64 {
-    logits
-        .argmax(-1, false)
-        .eq_tensor(labels)
-        .sum(Kind::Int64)
-        .int64_value(&[])
+    correct_tensor(logits, labels).int64_value(&[])
 }
 
-/// A scalar tensor as f64.
-pub(crate) fn scalar(t: &Tensor) -> f64 {
-    t.double_value(&[])
+/// [`correct`] as a 0-dim tensor on the logits' device (no host synchronisation).
+fn correct_tensor(logits: &Tensor, labels: &Tensor) -> Tensor {
+    logits.argmax(-1, false).eq_tensor(labels).sum(Kind::Int64)
+}
+
+/// Collects a step's numbers as device tensors and copies them to the host once, in
+/// [`StepRecorder::finish`]: reading each loss as it is computed would stall a GPU's queue
+/// once per module.
+pub(crate) struct StepRecorder {
+    losses: Vec<Tensor>,
+    penalties: Vec<Option<Tensor>>,
+    correct: Option<Tensor>,
+    samples: i64,
+}
+
+impl StepRecorder {
+    /// A recorder for a net of `modules` modules and a batch of `samples`.
+    pub(crate) fn new(modules: usize, samples: i64) -> Self {
+        StepRecorder {
+            losses: Vec::with_capacity(modules),
+            penalties: (0..modules).map(|_| None).collect(),
+            correct: None,
+            samples,
+        }
+    }
+
+    /// Records module `losses.len()`'s plain local loss; `logits` of the last module also
+    /// give the step's correct count.
+    pub(crate) fn loss(&mut self, loss: &Tensor, logits: &Tensor, labels: &Tensor, last: bool) {
+        self.losses.push(loss.detach());
+        if last {
+            self.correct = Some(correct_tensor(logits, labels));
+        }
+    }
+
+    /// Records module `k`'s SGR penalty D.
+    pub(crate) fn penalty(&mut self, k: usize, penalty: &Tensor) {
+        self.penalties[k] = Some(penalty.detach());
+    }
+
+    /// The step's numbers on the host (one device-to-host copy).
+    pub(crate) fn finish(self) -> StepStats {
+        let modules = self.losses.len();
+        let mut values: Vec<Tensor> = self.losses;
+        let have_penalty: Vec<bool> = self.penalties.iter().map(Option::is_some).collect();
+        values.extend(self.penalties.into_iter().flatten());
+        values.extend(self.correct);
+        if values.is_empty() {
+            return StepStats {
+                samples: self.samples,
+                ..Default::default()
+            };
+        }
+        let as_f64: Vec<Tensor> = values
+            .iter()
+            .map(|t| t.reshape([1]).to_kind(Kind::Double))
+            .collect();
+        let host: Vec<f64> = Tensor::cat(&as_f64, 0)
+            .to_device(tch::Device::Cpu)
+            .try_into()
+            .unwrap_or_default();
+        let mut rest = host.into_iter();
+        let module_losses: Vec<f64> = rest.by_ref().take(modules).collect();
+        let penalties = have_penalty
+            .iter()
+            .map(|&has| if has { rest.next().unwrap_or(0.0) } else { 0.0 })
+            .collect();
+        StepStats {
+            module_losses,
+            penalties,
+            correct: rest.next().map_or(0, |c| c as i64),
+            samples: self.samples,
+        }
+    }
 }

@@ -21,7 +21,7 @@
 //! `∇_θ D ≈ [∇_θ L_k(h + εv) − ∇_θ L_k(h − εv)] / 2ε` with `v = ∂D/∂g_in` held fixed and
 //! `ε = fd_eps · ‖h‖/‖v‖`; the ± passes run with BatchNorm running statistics frozen.
 //! See `../shared/research/paper.md` §3.3–3.6 for which parts are confirmed and which are ours.
-use super::{Rule, StepStats, correct, cross_entropy, scalar};
+use super::{Rule, StepRecorder, StepStats, cross_entropy};
 use crate::Result;
 use crate::data::Batch;
 use crate::model::SplitNet;
@@ -99,13 +99,9 @@ impl Rule for Sgr {
     fn step(&self, net: &SplitNet, batch: &Batch, global_step: usize) -> Result<StepStats> {
         let cfg = &self.0;
         let modules = net.num_modules();
-        let exact = cfg.grad == SgrGrad::Exact;
         let active = cfg.lambda != 0.0 && global_step.is_multiple_of(cfg.every.max(1));
-        let mut stats = StepStats {
-            penalties: vec![0.0; modules],
-            samples: batch.labels.size()[0],
-            ..Default::default()
-        };
+        let labels = &batch.labels;
+        let mut record = StepRecorder::new(modules, labels.size()[0]);
         let mut h = batch.images.shallow_clone();
         let mut prev_output_grad: Option<Tensor> = None;
         for k in 0..modules {
@@ -116,91 +112,121 @@ impl Rule for Sgr {
             let sends = active && k + 1 < modules && k + 2 >= cfg.from;
             let h_in = h.detach().set_requires_grad(target.is_some());
             let h_out = net.forward_module(k, &h_in, true);
-            let logits = net.head_logits(k, &h_out, true);
-            let loss = cross_entropy(&logits, &batch.labels);
-            stats.module_losses.push(scalar(&loss));
-            if k + 1 == modules {
-                stats.correct = correct(&logits, &batch.labels);
-            }
-            // Both gradients are of the plain loss L_k, taken before the penalty exists.
-            let (input_grad, output_grad) = match (&target, sends) {
-                (Some(_), true) => {
-                    let mut g = Tensor::run_backward(&[&loss], &[&h_in, &h_out], true, exact);
-                    let out = g.pop().map(|g| g.detach());
-                    (g.pop(), out)
-                }
-                (Some(_), false) => (
-                    Tensor::run_backward(&[&loss], &[&h_in], true, exact).pop(),
-                    None,
-                ),
-                (None, true) => (
-                    None,
-                    Tensor::run_backward(&[&loss], &[&h_out], true, false).pop(),
-                ),
-                (None, false) => (None, None),
-            };
-            match (input_grad, target) {
-                (Some(g_in), Some(target)) if exact => {
-                    let penalty = distance(cfg.distance, &g_in, &target);
-                    stats.penalties[k] = scalar(&penalty);
+            let last = k + 1 == modules;
+            prev_output_grad = match target {
+                Some(target) if cfg.grad == SgrGrad::Exact => {
+                    let logits = net.head_logits(k, &h_out, true);
+                    let loss = cross_entropy(&logits, labels);
+                    record.loss(&loss, &logits, labels, last);
+                    // Both gradients are of the plain loss L_k, taken before the penalty exists.
+                    let inputs: &[&Tensor] = if sends { &[&h_in, &h_out] } else { &[&h_in] };
+                    let mut grads = Tensor::run_backward(&[&loss], inputs, true, true);
+                    let output_grad = sends.then(|| grads.pop().map(|g| g.detach())).flatten();
+                    let input_grad = grads.remove(0);
+                    let penalty = distance(cfg.distance, &input_grad, &target);
+                    record.penalty(k, &penalty);
+                    // Only the penalty's own graph needs the two gradients from here on.
+                    drop((input_grad, target));
                     (loss + penalty * cfg.lambda).backward();
+                    output_grad
                 }
-                (Some(g_in), Some(target)) => {
-                    loss.backward();
-                    stats.penalties[k] =
-                        finite_difference_penalty(net, k, &h_in, &g_in, &target, batch, cfg);
+                Some(target) => {
+                    let (loss, logits, output_grad) = local_backward(net, k, &h_out, labels, sends);
+                    record.loss(&loss, &logits, labels, last);
+                    let input_grad = h_in.grad();
+                    let penalty =
+                        finite_difference_penalty(net, k, &h_in, input_grad, target, labels, cfg);
+                    record.penalty(k, &penalty);
+                    output_grad
                 }
-                _ => loss.backward(),
-            }
-            prev_output_grad = output_grad;
+                None => {
+                    let (loss, logits, output_grad) = local_backward(net, k, &h_out, labels, sends);
+                    record.loss(&loss, &logits, labels, last);
+                    output_grad
+                }
+            };
             h = h_out.detach();
         }
-        Ok(stats)
+        Ok(record.finish())
     }
 }
 
+/// Back-propagates module `k`'s plain local loss through its head and units (one pass) and
+/// returns `(loss, logits, ∂L_k/∂h_out if want_output_grad)`.
+///
+/// The output gradient comes from the same backward pass: the head runs on a detached copy of
+/// `h_out` marked as a leaf, so the backward through the head leaves ∂L/∂h_out in that leaf's
+/// `.grad`, which is then pushed through the units. (Asking autograd for ∂L/∂h_out in a separate
+/// call, as `torch.autograd.grad(loss, h_out, retain_graph=True)` does, runs the head's backward
+/// twice.)
+fn local_backward(
+    net: &SplitNet,
+    k: usize,
+    h_out: &Tensor,
+    labels: &Tensor,
+    want_output_grad: bool,
+) -> (Tensor, Tensor, Option<Tensor>) {
+    if !want_output_grad {
+        let logits = net.head_logits(k, h_out, true);
+        let loss = cross_entropy(&logits, labels);
+        loss.backward();
+        return (loss, logits, None);
+    }
+    let head_input = h_out.detach().set_requires_grad(true);
+    let logits = net.head_logits(k, &head_input, true);
+    let loss = cross_entropy(&logits, labels);
+    loss.backward();
+    let output_grad = head_input.grad().detach();
+    // d/dθ Σ h_out ⊙ g = (∂h_out/∂θ)ᵀ g with g held constant: the units' share of the backward.
+    (h_out * &output_grad).sum(h_out.kind()).backward();
+    (loss, logits, Some(output_grad))
+}
+
 /// Adds λ·∇_θ D to module `k`'s parameter gradients by a central finite difference along the
-/// input, and returns D. Uses only first-order backward passes.
+/// input, and returns D. Uses only first-order backward passes, and at most one extra
+/// input-sized tensor beyond what `dgl` holds (v): the perturbed inputs are made in place in
+/// `h_in`'s storage, which nothing needs after this module.
 fn finite_difference_penalty(
     net: &SplitNet,
     k: usize,
     h_in: &Tensor,
-    g_in: &Tensor,
-    target: &Tensor,
-    batch: &Batch,
+    input_grad: Tensor,
+    target: Tensor,
+    labels: &Tensor,
     cfg: &SgrConfig,
-) -> f64 {
-    // v = ∂D/∂g_in at the current g_in, a constant direction in input space.
-    let g = g_in.detach().set_requires_grad(true);
-    let penalty = distance(cfg.distance, &g, target);
-    let value = scalar(&penalty);
-    let v = Tensor::run_backward(&[&penalty], &[&g], false, false).remove(0);
-    let v_norm = scalar(&v.norm());
-    if v_norm == 0.0 {
-        return value;
-    }
+) -> Tensor {
+    // v = ∂D/∂g_in at the current g_in: a constant direction in input space.
+    let g = input_grad.detach().set_requires_grad(true);
+    let penalty = distance(cfg.distance, &g, &target);
+    let mut v = Tensor::run_backward(&[&penalty], &[&g], false, false).remove(0);
+    drop((g, input_grad, target));
+    let penalty = penalty.detach();
+    // ε = fd_eps·‖h‖/‖v‖ as a device scalar (no host round trip); v is scaled to ε·v in place.
     let h = h_in.detach();
-    let eps = cfg.fd_eps * scalar(&h.norm()).max(1e-12) / v_norm;
+    let eps = h.norm().clamp_min(1e-12) * cfg.fd_eps / v.norm().clamp_min(1e-30);
+    let _ = v.g_mul_(&eps);
     let params: Vec<Tensor> = net
         .module_variables(k, true)
         .into_iter()
         .map(|(_, t)| t)
         .collect();
-    let grads_at = |sign: f64| {
+    let grads_at = |x: &Tensor| {
         net.with_frozen_buffers(|| {
-            let x = &h + &v * (sign * eps);
-            let loss = cross_entropy(
-                &net.head_logits(k, &net.forward_module(k, &x, true), true),
-                &batch.labels,
-            );
-            Tensor::run_backward(&[&loss], &params, false, false)
+            let logits = net.head_logits(k, &net.forward_module(k, x, true), true);
+            Tensor::run_backward(&[&cross_entropy(&logits, labels)], &params, false, false)
         })
     };
-    let (plus, minus) = (grads_at(1.0), grads_at(-1.0));
+    let mut x = h;
+    let _ = tch::no_grad(|| x.g_add_(&v));
+    let plus = grads_at(&x);
+    // x − 2εv; the rounding this adds is ~1 ulp of h, far below the step ε·v.
+    let _ = tch::no_grad(|| x.g_sub_(&v).g_sub_(&v));
+    let minus = grads_at(&x);
+    let scale = eps.reciprocal() * (cfg.lambda / 2.0);
     tch::no_grad(|| {
         for ((p, gp), gm) in params.iter().zip(plus).zip(minus) {
-            let _ = p.grad().g_add_(&((gp - gm) * (cfg.lambda / (2.0 * eps))));
+            let _ = p.grad().g_add_(&((gp - gm) * &scale));
         }
     });
-    value
+    penalty
 }

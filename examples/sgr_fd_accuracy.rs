@@ -1,7 +1,7 @@
 //! How close `--sgr-grad fd` comes to the exact SGR penalty gradient on a real-size network.
 //!
 //! ```sh
-//! cargo run --release --example sgr_fd_accuracy -- [resnet20|resnet32|resnet56|resnet110] [K] [batch]
+//! cargo run --release --example sgr_fd_accuracy -- [resnet20|resnet32|resnet56|resnet110] [K] [batch] [fd_eps,...] [f32|f64|both]
 //! ```
 //!
 //! For every module k ≥ 2 the penalty's parameter gradient λ·∇_θ D is isolated as
@@ -55,6 +55,15 @@ fn main() {
     };
     let modules: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(8);
     let batch_size: i64 = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(64);
+    let steps: Vec<f64> = args
+        .get(4)
+        .map(|s| s.split(',').filter_map(|x| x.parse().ok()).collect())
+        .unwrap_or_else(|| vec![1e-2, 1e-3, 1e-4, 1e-5]);
+    let precisions: &[bool] = match args.get(5).map(String::as_str) {
+        Some("f32") => &[false],
+        Some("f64") => &[true],
+        _ => &[false, true],
+    };
     tch::set_num_threads(1);
     let spec = ModelSpec {
         arch,
@@ -66,7 +75,7 @@ fn main() {
     };
     println!("| precision | fd_eps | cosine(fd, exact) | relative L2 error |");
     println!("|---|---|---|---|");
-    for double in [false, true] {
+    for &double in precisions {
         let mut net = sgr::model::with_seed(0, || SplitNet::new(&spec, Device::Cpu)).expect("net");
         let kind = if double { Kind::Double } else { Kind::Float };
         if double {
@@ -77,7 +86,7 @@ fn main() {
             labels: Tensor::randint(10, [batch_size], (Kind::Int64, Device::Cpu)),
         });
         let exact = penalty_grad(&net, &batch, &SgrConfig::default());
-        for fd_eps in [1e-2, 1e-3, 1e-4, 1e-5] {
+        for &fd_eps in &steps {
             let cfg = SgrConfig {
                 grad: SgrGrad::Fd,
                 fd_eps,

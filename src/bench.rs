@@ -4,8 +4,9 @@
 //! `sgr bench worker` process on synthetic data of a fixed shape; the parent collects one JSON
 //! line from each and prints a table (or the rows as JSON with `--json`). Workers build the
 //! same `SplitNet`, `Sgd` and `Rule` as `sgr train`, so the step measured is the real one.
+use crate::config::DeviceKind;
 use crate::data::Batch;
-use crate::memory::Meter;
+use crate::memory::{Meter, gpu_used_bytes};
 use crate::model::{Arch, FeatureShape, HeadKind, ModelSpec, SplitNet, SplitStrategy};
 use crate::optim::{Sgd, SgdConfig};
 use crate::rules::{self, RuleKind, SgrConfig, SgrGrad};
@@ -59,6 +60,11 @@ pub struct CellArgs {
     /// SGR: exact double backward or finite difference.
     #[arg(long, default_value = "exact")]
     pub sgr_grad: SgrGrad,
+    /// Compute device. On `cuda`, memory is the GPU's used memory (`nvidia-smi`) at the end
+    /// minus after construction, i.e. the caching allocator's peak reservation.
+    #[arg(long, default_value = "cpu")]
+    #[serde(default)]
+    pub device: DeviceKind,
     /// Run workers with glibc's mmap threshold fixed at 1 MiB, so that every tensor of 1 MiB or
     /// more is returned to the OS when freed and the high-water mark tracks live tensors rather
     /// than allocator slack (set by `sgr bench memory`; it slows steps, so `bench step` leaves
@@ -115,7 +121,8 @@ pub fn measure(cell: &CellArgs, rule: RuleKind, modules: usize) -> Result<Row> {
         },
         classes: cell.classes,
     };
-    let net = crate::model::with_seed(0, || SplitNet::new(&spec, Device::Cpu))?;
+    let device = cell.device.tch_device()?;
+    let net = crate::model::with_seed(0, || SplitNet::new(&spec, device))?;
     let mut opt = Sgd::new(&net.vs, SgdConfig::default());
     let sgr = SgrConfig {
         lambda: cell.lambda,
@@ -127,10 +134,17 @@ pub fn measure(cell: &CellArgs, rule: RuleKind, modules: usize) -> Result<Row> {
     let batch = Batch {
         images: Tensor::randn(
             [cell.batch_size, cell.channels, cell.size, cell.size],
-            (Kind::Float, Device::Cpu),
+            (Kind::Float, device),
         ),
-        labels: Tensor::randint(cell.classes, [cell.batch_size], (Kind::Int64, Device::Cpu)),
+        labels: Tensor::randint(cell.classes, [cell.batch_size], (Kind::Int64, device)),
     };
+    let sync = || {
+        if let Device::Cuda(index) = device {
+            tch::Cuda::synchronize(index as i64);
+        }
+    };
+    sync();
+    let gpu_baseline = device.is_cuda().then(gpu_used_bytes).flatten();
     // With the normal allocator, memory freed by the warm-up stays resident and would hide the
     // peak, so the baseline is taken first. In live-memory mode freed tensors leave the RSS, so
     // the baseline is taken after warm-up and excludes libtorch's one-time caches and pools.
@@ -144,6 +158,7 @@ pub fn measure(cell: &CellArgs, rule: RuleKind, modules: usize) -> Result<Row> {
         opt.zero_grad();
         rule_impl.step(&net, &batch, step)?;
         opt.step(0.01);
+        sync();
         if step >= cell.warmup {
             times.push(start.elapsed().as_secs_f64() * 1e3);
         }
@@ -161,8 +176,11 @@ pub fn measure(cell: &CellArgs, rule: RuleKind, modules: usize) -> Result<Row> {
         ms_per_step: times.get(times.len() / 2).copied().unwrap_or(f64::NAN),
         ms_min: times.first().copied().unwrap_or(f64::NAN),
         ms_mean,
-        peak_memory_bytes: meter.peak_above_baseline(),
-        baseline_rss_bytes: meter.baseline(),
+        peak_memory_bytes: match gpu_baseline {
+            Some(base) => gpu_used_bytes().unwrap_or(base).saturating_sub(base),
+            None => meter.peak_above_baseline(),
+        },
+        baseline_rss_bytes: gpu_baseline.unwrap_or(meter.baseline()),
         largest_module_activation_bytes: largest,
         memory_ratio_to_bp: 0.0,
         time_ratio_to_bp: 0.0,
@@ -215,6 +233,26 @@ pub fn run_grid(
         r.time_ratio_to_bp = r.ms_per_step / bp_ms;
     }
     Ok(rows)
+}
+
+/// The line printed above a table: what was measured, where, and how often.
+pub fn header(cell: &CellArgs, repeats: usize) -> String {
+    let threads = match cell.threads {
+        0 => "default threads".to_string(),
+        n => format!("{n} thread(s)"),
+    };
+    format!(
+        "{} batch {} input {}x{}x{}, device {}, {threads}, median of {} steps after {} warm-up, {} alternating repeat(s)",
+        cell.model,
+        cell.batch_size,
+        cell.channels,
+        cell.size,
+        cell.size,
+        cell.device.name(),
+        cell.steps,
+        cell.warmup,
+        repeats
+    )
 }
 
 /// A Markdown table from a header row and data rows.
@@ -415,6 +453,8 @@ pub fn run_compare(
                         &cell.lambda.to_string(),
                         "--sgr-every",
                         &cell.sgr_every.to_string(),
+                        "--device",
+                        cell.device.name(),
                     ]),
                     "the PyTorch reference",
                 )?;

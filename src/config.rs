@@ -36,6 +36,27 @@ pub enum DeviceKind {
     Cuda,
 }
 
+impl DeviceKind {
+    /// The libtorch device, or an error naming why CUDA is unavailable.
+    pub fn tch_device(self) -> Result<tch::Device> {
+        match self {
+            DeviceKind::Cpu => Ok(tch::Device::Cpu),
+            DeviceKind::Cuda if tch::Cuda::is_available() => Ok(tch::Device::Cuda(0)),
+            DeviceKind::Cuda => Err(Error::Config(
+                "--device cuda: no CUDA device is available (or the binary was built without --features cuda)".into(),
+            )),
+        }
+    }
+
+    /// The kebab-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            DeviceKind::Cpu => "cpu",
+            DeviceKind::Cuda => "cuda",
+        }
+    }
+}
+
 macro_rules! config_fields {
     ($( $(#[doc = $doc:literal])* $([arg($($arg:tt)*)])? $name:ident : $ty:ty = $default:expr ; )*) => {
         /// A fully resolved training configuration (saved as `config.json` in the run folder).
@@ -314,13 +335,7 @@ impl TrainConfig {
 
     /// The libtorch device.
     pub fn tch_device(&self) -> Result<tch::Device> {
-        match self.device {
-            DeviceKind::Cpu => Ok(tch::Device::Cpu),
-            DeviceKind::Cuda if tch::Cuda::is_available() => Ok(tch::Device::Cuda(0)),
-            DeviceKind::Cuda => Err(Error::Config(
-                "--device cuda: no CUDA device is available (or the binary was built without --features cuda)".into(),
-            )),
-        }
+        self.device.tch_device()
     }
 }
 

@@ -241,17 +241,7 @@ fn grid(args: &GridArgs) -> Result<()> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
-        println!(
-            "{} batch {} input {}x{}x{}, median of {} steps after {} warm-up, {} repeat(s)",
-            args.cell.model,
-            args.cell.batch_size,
-            args.cell.channels,
-            args.cell.size,
-            args.cell.size,
-            args.cell.steps,
-            args.cell.warmup,
-            args.repeats
-        );
+        println!("{}", bench::header(&args.cell, args.repeats));
         print!("{}", bench::table(&rows));
     }
     Ok(())
@@ -373,18 +363,7 @@ fn run(cli: Cli) -> Result<()> {
                 if grid.json {
                     println!("{}", serde_json::to_string_pretty(&rows)?);
                 } else {
-                    println!(
-                        "{} batch {} input {}x{}x{}, {} thread(s), median of {} steps after {} warm-up, {} alternating repeat(s)",
-                        grid.cell.model,
-                        grid.cell.batch_size,
-                        grid.cell.channels,
-                        grid.cell.size,
-                        grid.cell.size,
-                        grid.cell.threads.max(1),
-                        grid.cell.steps,
-                        grid.cell.warmup,
-                        grid.repeats
-                    );
+                    println!("{}", bench::header(&grid.cell, grid.repeats));
                     print!("{}", bench::compare_table(&rows));
                 }
                 Ok(())

@@ -6,6 +6,11 @@
 //! and optimizer were built". This counts everything training allocates (activations kept for
 //! backward, gradients, momentum buffers once created, libtorch workspaces, allocator slack)
 //! and nothing allocated before the baseline (weights, the data set, the libraries).
+//!
+//! On a GPU, [`gpu_used_bytes`] reads the device's used memory from `nvidia-smi` (libtorch's
+//! caching-allocator statistics are not exposed through tch). The caching allocator keeps what
+//! it reserved, so "used at the end minus used after construction" is the peak reservation of
+//! the steps, measured the same way for any process on the device (one process at a time).
 use std::fs;
 
 fn status_kib(field: &str) -> Option<u64> {
@@ -49,4 +54,23 @@ impl Meter {
     pub fn peak_above_baseline(&self) -> u64 {
         peak_rss_bytes().saturating_sub(self.baseline)
     }
+}
+
+/// Memory in use on GPU 0 (all processes), in bytes, from `nvidia-smi`; `None` where
+/// `nvidia-smi` is missing or fails.
+pub fn gpu_used_bytes() -> Option<u64> {
+    let out = std::process::Command::new("nvidia-smi")
+        .args([
+            "--query-gpu=memory.used",
+            "--format=csv,noheader,nounits",
+            "-i",
+            "0",
+        ])
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let mib: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().ok()?;
+    Some(mib * 1024 * 1024)
 }

@@ -122,7 +122,7 @@ pub fn build_net(cfg: &TrainConfig, ds: &Dataset) -> Result<SplitNet> {
 }
 
 /// Where in the run a non-finite value appeared, or `None` if all is finite.
-fn non_finite(net: &SplitNet, stats: &StepStats, opt: &Sgd) -> Option<String> {
+fn non_finite(net: &SplitNet, stats: &StepStats, opt: &mut Sgd) -> Option<String> {
     if let Some(k) = stats.module_losses.iter().position(|l| !l.is_finite()) {
         return Some(format!(
             "the loss of module {} is {}",
@@ -333,7 +333,7 @@ pub fn run_with_data(
             }
             opt.zero_grad();
             let stats = rule.step(&net, &batch, state.global_step)?;
-            if let Some(what) = non_finite(&net, &stats, &opt) {
+            if let Some(what) = non_finite(&net, &stats, &mut opt) {
                 let msg = format!(
                     "training diverged at epoch {}, step {}: {what}; the last good checkpoint ({}) is kept — lower --lr or pass --on-nan skip-batch",
                     epoch + 1,

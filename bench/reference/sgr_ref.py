@@ -67,41 +67,20 @@ def build(cfg):
 
 
 # ---------------------------------------------------------------------------------------------
-# Optimizer: PyTorch SGD, dampening 0, decay only on ndim >= 2 unless decay_bn_and_bias.
-
-
-class SGD:
-    def __init__(self, named_params, lr, momentum, weight_decay, nesterov, decay_bn_and_bias):
-        self.params = [(n, p) for n, p in named_params]
-        self.lr, self.mu, self.wd, self.nesterov = lr, momentum, weight_decay, nesterov
-        self.decay_all = decay_bn_and_bias
-        self.bufs = {}
-
-    @torch.no_grad()
-    def step(self):
-        for name, p in self.params:
-            if p.grad is None:
-                continue
-            d = p.grad
-            if self.wd != 0 and (self.decay_all or p.ndim >= 2):
-                d = d.add(p, alpha=self.wd)
-            if self.mu != 0:
-                buf = self.bufs.get(name)
-                if buf is None:  # buf = mu * 0 + d
-                    buf = self.bufs[name] = d.clone()
-                else:
-                    buf.mul_(self.mu).add_(d)
-                d = d.add(buf, alpha=self.mu) if self.nesterov else buf
-            p.add_(d, alpha=-self.lr)
-
-    def zero_grad(self):
-        for _, p in self.params:
-            p.grad = None
+# Optimizer: torch.optim.SGD (dampening 0), as a PyTorch user would write it: two parameter
+# groups, weight decay only on tensors of rank >= 2 unless decay_bn_and_bias. On CUDA it uses
+# its default multi-tensor (foreach) implementation.
 
 
 def make_optimizer(net, cfg):
-    return SGD(net.named_parameters(), float(cfg["lr"]), float(cfg["momentum"]),
-               float(cfg["weight_decay"]), bool(cfg["nesterov"]), bool(cfg["decay_bn_and_bias"]))
+    decay_all = bool(cfg["decay_bn_and_bias"])
+    params = [p for _, p in sorted(net.named_parameters())]
+    decayed = [p for p in params if decay_all or p.ndim >= 2]
+    others = [p for p in params if not (decay_all or p.ndim >= 2)]
+    groups = [{"params": decayed, "weight_decay": float(cfg["weight_decay"])},
+              {"params": others, "weight_decay": 0.0}]
+    return torch.optim.SGD([g for g in groups if g["params"]], lr=float(cfg["lr"]),
+                           momentum=float(cfg["momentum"]), nesterov=bool(cfg["nesterov"]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,19 +220,32 @@ def proc_status(key):
     raise KeyError(key)
 
 
+def gpu_used_bytes():
+    """GPU 0's used memory from nvidia-smi, the same reading `sgr bench` takes on CUDA."""
+    import subprocess
+    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
+                          "-i", "0"], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip()) * 1024 * 1024
+
+
 def cmd_bench(args):
     torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
     cfg = full_config({
         "model": args.model, "modules": args.modules, "aux_head": args.aux_head, "rule": args.rule,
         "in_channels": args.in_channels, "classes": args.classes, "dtype": args.dtype,
         "lambda": args.lam, "sgr_distance": args.sgr_distance, "sgr_from": args.sgr_from,
         "sgr_every": args.sgr_every,
     })
-    net = build(cfg)
+    net = build(cfg).to(device)
     opt = make_optimizer(net, cfg)
     dtype = torch_dtype(cfg["dtype"])
-    x = torch.randn(args.batch_size, args.in_channels, args.size, args.size, dtype=dtype)
-    y = torch.randint(0, args.classes, (args.batch_size,), dtype=torch.int64)
+    x = torch.randn(args.batch_size, args.in_channels, args.size, args.size, dtype=dtype, device=device)
+    y = torch.randint(0, args.classes, (args.batch_size,), dtype=torch.int64, device=device)
+    if cuda:
+        torch.cuda.synchronize()
+        gpu_baseline = gpu_used_bytes()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -267,10 +259,15 @@ def cmd_bench(args):
         t0 = time.perf_counter()
         losses, _, _ = train_step(net, opt, x, y, cfg)
         float(losses[-1])  # read the loss to host
+        if cuda:
+            torch.cuda.synchronize()
         dt = (time.perf_counter() - t0) * 1e3
         if i >= args.warmup:
             times.append(dt)
     peak = proc_status("VmHWM") - baseline
+    if cuda:
+        baseline = gpu_baseline
+        peak = gpu_used_bytes() - gpu_baseline
     print(json.dumps({
         "ms_per_step": statistics.median(times),
         "ms_min": min(times),
@@ -280,7 +277,7 @@ def cmd_bench(args):
         "model": args.model, "batch_size": args.batch_size, "modules": args.modules,
         "module_ranges": net.ranges, "rule": args.rule, "threads": torch.get_num_threads(),
         "steps": args.steps, "warmup": args.warmup, "dtype": args.dtype,
-        "torch": torch.__version__,
+        "torch": torch.__version__, "device": args.device,
     }))
 
 
@@ -323,6 +320,7 @@ def main(argv=None):
     b.add_argument("--sgr-from", type=int, default=2)
     b.add_argument("--sgr-every", type=int, default=1)
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
 
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

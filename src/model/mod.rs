@@ -84,9 +84,13 @@ impl std::fmt::Debug for SplitNet {
 }
 
 impl SplitNet {
-    /// Builds the network on `device` with tch's current global seed.
+    /// Builds the network with tch's current global seed and moves it to `device`.
+    ///
+    /// Weights are always drawn on the CPU: CUDA has its own random generator, so drawing there
+    /// would give a different network for the same seed, and a CPU run could not be compared
+    /// with a GPU run step for step.
     pub fn new(spec: &ModelSpec, device: Device) -> Result<Self> {
-        let vs = nn::VarStore::new(device);
+        let mut vs = nn::VarStore::new(Device::Cpu);
         let root = vs.root();
         let units = resnet::units(&root, spec.arch, spec.input);
         let weights: Vec<i64> = units.iter().map(|u| u.activation_elems).collect();
@@ -98,6 +102,9 @@ impl SplitNet {
             heads.push(Head::new(&p, spec.head, units[last].out, spec.classes));
         }
         heads.push(Head::classifier(&root, resnet::final_width(), spec.classes));
+        if device != Device::Cpu {
+            vs.set_device(device);
+        }
         Ok(SplitNet {
             vs,
             spec: spec.clone(),

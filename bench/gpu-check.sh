@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The CUDA checks, run on a GPU machine that has torch 2.11 in `python3` but no Rust toolchain.
+# Build here with `cargo build --release --features cuda --target-dir target-cuda`, copy the
+# binary to gpu/sgr and data/fashion-mnist to gpu/data/, then run this from the repo root there.
+# Results go to $OUT (default: gpu/out).
+set -u
+OUT=${OUT:-gpu/out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+TORCH_LIB=$(python3 -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
+export LD_LIBRARY_PATH=$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+S=./gpu/sgr
+RUNS=$(mktemp -d)
+log() { echo "== $*"; }
+
+log machine
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name(0))'
+nproc
+
+log "1. PyTorch vs sgr on CUDA"
+timeout 200 $S bench compare --device cuda --python python3 --reference bench/reference/sgr_ref.py \
+  --model resnet32 --batch-size 128 --modules 1,4,16 --rule bp,dgl,sgr \
+  --steps 20 --warmup 5 --repeats 2 --json > "$OUT/compare-cuda.json"
+echo "rc=$?"; cat "$OUT/compare-cuda.json"
+
+log "2. step time and GPU memory per rule and K"
+timeout 120 $S bench step --device cuda --model resnet32 --batch-size 128 --modules 4,8,16 \
+  --rule dgl,sgr --steps 20 --warmup 5 --repeats 2 --json > "$OUT/step-cuda.json"
+echo "rc=$?"; cat "$OUT/step-cuda.json"
+
+log "3. same 20 steps on CPU and CUDA (sgr K=4, F-MNIST)"
+for dev in cpu cuda; do
+  timeout 60 $S train --data fashion-mnist --data-dir gpu/data --model resnet20 --rule sgr --modules 4 \
+    --epochs 1 --train-subset 2560 --test-subset 1000 --max-steps-per-epoch 20 --device $dev \
+    --out "$RUNS/same-$dev" --quiet
+  echo "rc=$?"; tail -n 1 "$RUNS/same-$dev/metrics.jsonl"
+done
+
+log "4. one epoch of full F-MNIST on CUDA"
+timeout 90 $S train --data fashion-mnist --data-dir gpu/data --model resnet32 --rule sgr --modules 8 \
+  --epochs 1 --device cuda --out "$RUNS/sgr-k8" --quiet
+echo "rc=$?"; tail -n 1 "$RUNS/sgr-k8/metrics.jsonl"
+timeout 60 $S train --data fashion-mnist --data-dir gpu/data --model resnet32 --rule bp \
+  --epochs 1 --device cuda --out "$RUNS/bp" --quiet
+echo "rc=$?"; tail -n 1 "$RUNS/bp/metrics.jsonl"

@@ -21,7 +21,7 @@ nproc
 log "1. PyTorch vs sgr on CUDA"
 timeout 200 $S bench compare --device cuda --python python3 --reference bench/reference/sgr_ref.py \
   --model resnet32 --batch-size 128 --modules 1,4,16 --rule bp,dgl,sgr \
-  --steps 20 --warmup 5 --repeats 2 --json > "$OUT/compare-cuda.json"
+  --steps 30 --warmup 5 --repeats 2 --json > "$OUT/compare-cuda.json"
 echo "rc=$?"; cat "$OUT/compare-cuda.json"
 
 log "2. step time and GPU memory per rule and K"
@@ -29,7 +29,15 @@ timeout 120 $S bench step --device cuda --model resnet32 --batch-size 128 --modu
   --rule dgl,sgr --steps 20 --warmup 5 --repeats 2 --json > "$OUT/step-cuda.json"
 echo "rc=$?"; cat "$OUT/step-cuda.json"
 
-log "3. same 20 steps on CPU and CUDA (sgr K=4, F-MNIST)"
+log "3. where the reference's time goes (torch.profiler, 5 steps)"
+for cell in "bp 1" "dgl 4" "sgr 4"; do
+  set -- $cell
+  timeout 60 python3 bench/reference/sgr_ref.py bench --device cuda --model resnet32 --batch-size 128 \
+    --rule $1 --modules $2 --steps 10 --warmup 5 --threads 16 --profile "$OUT/profile-$1-$2.txt" > /dev/null
+  echo "rc=$? $1 K=$2"; head -n 1 "$OUT/profile-$1-$2.txt"
+done
+
+log "4. same 20 steps on CPU and CUDA from the same initial weights (sgr K=4, F-MNIST)"
 for dev in cpu cuda; do
   timeout 60 $S train --data fashion-mnist --data-dir gpu/data --model resnet20 --rule sgr --modules 4 \
     --epochs 1 --train-subset 2560 --test-subset 1000 --max-steps-per-epoch 20 --device $dev \
@@ -37,7 +45,8 @@ for dev in cpu cuda; do
   echo "rc=$?"; tail -n 1 "$RUNS/same-$dev/metrics.jsonl"
 done
 
-log "4. one epoch of full F-MNIST on CUDA"
+[ -n "${SKIP_EPOCHS:-}" ] && exit 0
+log "5. one epoch of full F-MNIST on CUDA"
 timeout 90 $S train --data fashion-mnist --data-dir gpu/data --model resnet32 --rule sgr --modules 8 \
   --epochs 1 --device cuda --out "$RUNS/sgr-k8" --quiet
 echo "rc=$?"; tail -n 1 "$RUNS/sgr-k8/metrics.jsonl"

@@ -228,6 +228,32 @@ def gpu_used_bytes():
     return int(out.stdout.strip()) * 1024 * 1024
 
 
+def profile_steps(net, opt, x, y, cfg, path, cuda, steps=5):
+    """Profiles `steps` training steps with torch.profiler; writes the op table and a summary
+    (wall time vs. time the GPU or CPU kernels were busy, kernel launches) to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            losses, _, _ = train_step(net, opt, x, y, cfg)
+            float(losses[-1])
+        if cuda:
+            torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - t0) * 1e3 / steps
+    events = prof.key_averages()
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    with open(path, "w") as f:
+        if cuda:
+            kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+            busy_ms = sum(e.device_time for e in kernels) / 1e3 / steps
+            f.write(f"wall ms/step (profiled) {wall_ms:.2f}; GPU kernel time ms/step {busy_ms:.2f}; "
+                    f"kernels/step {len(kernels) / steps:.0f}\n")
+        else:
+            f.write(f"wall ms/step (profiled) {wall_ms:.2f}\n")
+        f.write(events.table(sort_by=sort, row_limit=25))
+
+
 def cmd_bench(args):
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
@@ -265,6 +291,8 @@ def cmd_bench(args):
         if i >= args.warmup:
             times.append(dt)
     peak = proc_status("VmHWM") - baseline
+    if args.profile:
+        profile_steps(net, opt, x, y, cfg, args.profile, cuda)
     if cuda:
         baseline = gpu_baseline
         peak = gpu_used_bytes() - gpu_baseline
@@ -321,6 +349,7 @@ def main(argv=None):
     b.add_argument("--sgr-every", type=int, default=1)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    b.add_argument("--profile", help="after timing, profile 5 steps and write the op table here")
 
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

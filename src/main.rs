@@ -2,7 +2,7 @@
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use sgr::bench::{self, CellArgs};
-use sgr::config::{self, TrainConfig, TrainOptions};
+use sgr::config::{self, DeviceKind, TrainConfig, TrainOptions};
 use sgr::data::{self, DatasetKind};
 use sgr::rules::RuleKind;
 use std::path::{Path, PathBuf};
@@ -49,6 +49,9 @@ enum Command {
         /// Evaluation batch size.
         #[arg(long, default_value_t = 256)]
         batch_size: i64,
+        /// Compute device (default: the one the run was trained on).
+        #[arg(long)]
+        device: Option<DeviceKind>,
     },
     /// Inspect data sets.
     Data {
@@ -197,6 +200,7 @@ fn eval(
     data: Option<DatasetKind>,
     data_dir: Option<PathBuf>,
     batch_size: i64,
+    device: Option<DeviceKind>,
 ) -> Result<()> {
     let (vars, _, state) = sgr::checkpoint::load(path)?;
     let state = state.with_context(|| {
@@ -212,6 +216,9 @@ fn eval(
     }
     if let Some(d) = data_dir {
         cfg.data_dir = d;
+    }
+    if let Some(d) = device {
+        cfg.device = d;
     }
     cfg.test_subset = 0;
     let ds = sgr::train::load_data(&cfg)?;
@@ -313,7 +320,8 @@ fn run(cli: Cli) -> Result<()> {
             data,
             data_dir,
             batch_size,
-        } => eval(&checkpoint, data, data_dir, batch_size),
+            device,
+        } => eval(&checkpoint, data, data_dir, batch_size, device),
         Command::Data {
             command:
                 DataCommand::Info {

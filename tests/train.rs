@@ -371,6 +371,23 @@ fn cli_trains_evaluates_and_refuses_to_overwrite_a_run() {
         stdout.contains(&format!("{:.2}%", 100.0 * acc)),
         "{stdout} vs {acc}"
     );
+    // On a machine without CUDA, asking for it is one clear error, not a panic.
+    if !tch::Cuda::is_available() {
+        let ckpt = out.join("checkpoint.safetensors");
+        let (code, _, err) = sgr_cmd(&[
+            "eval",
+            "--checkpoint",
+            ckpt.to_str().unwrap(),
+            "--device",
+            "cuda",
+        ]);
+        assert_ne!(code, 0);
+        assert!(
+            err.starts_with("error: --device cuda: no CUDA device"),
+            "{err}"
+        );
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
     // The same --out again is refused, and the run is untouched.
     let before = std::fs::read(out.join("checkpoint.safetensors")).unwrap();
     let (code, _, err) = sgr_cmd(&args);

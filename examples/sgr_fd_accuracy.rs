@@ -72,6 +72,7 @@ fn main() {
         head: HeadKind::Conv,
         input: FeatureShape { c: 3, h: 32, w: 32 },
         classes: 10,
+        penalty_cost: None,
     };
     println!("| precision | fd_eps | cosine(fd, exact) | relative L2 error |");
     println!("|---|---|---|---|");

@@ -109,6 +109,12 @@ pub fn measure(cell: &CellArgs, rule: RuleKind, modules: usize) -> Result<Row> {
     if cell.threads > 0 {
         tch::set_num_threads(cell.threads as i32);
     }
+    let sgr = SgrConfig {
+        lambda: cell.lambda,
+        every: cell.sgr_every,
+        grad: cell.sgr_grad,
+        ..Default::default()
+    };
     let spec = ModelSpec {
         arch: cell.model,
         modules,
@@ -120,16 +126,13 @@ pub fn measure(cell: &CellArgs, rule: RuleKind, modules: usize) -> Result<Row> {
             w: cell.size,
         },
         classes: cell.classes,
+        penalty_cost: (rule == RuleKind::Sgr)
+            .then(|| sgr.penalty_cost())
+            .flatten(),
     };
     let device = cell.device.tch_device()?;
     let net = crate::model::with_seed(0, || SplitNet::new(&spec, device))?;
     let mut opt = Sgd::new(&net.vs, SgdConfig::default());
-    let sgr = SgrConfig {
-        lambda: cell.lambda,
-        every: cell.sgr_every,
-        grad: cell.sgr_grad,
-        ..Default::default()
-    };
     let rule_impl = rules::build(rule, &sgr);
     let batch = Batch {
         images: Tensor::randn(
@@ -207,7 +210,13 @@ pub fn run_grid(
     }
     // Validate every K before spending minutes on the first cells.
     for &(_, k) in &cells {
-        crate::model::splits::split(cell.model, k, cell.split, &vec![1; cell.model.num_units()])?;
+        crate::model::splits::split(
+            cell.model,
+            k,
+            cell.split,
+            &vec![1; cell.model.num_units()],
+            None,
+        )?;
     }
     let cell_json = serde_json::to_string(cell).expect("cell serialises");
     let mut samples: Vec<Vec<Row>> = vec![Vec::new(); cells.len()];
@@ -397,6 +406,12 @@ pub fn run_compare(
 ) -> Result<Vec<CompareRow>> {
     let exe = std::env::current_exe()
         .map_err(|e| Error::Config(format!("cannot find the sgr binary: {e}")))?;
+    if cell.split != SplitStrategy::Table {
+        return Err(Error::Config(
+            "sgr bench compare: only --split table (the reference implements the split tables)"
+                .into(),
+        ));
+    }
     if !reference.exists() {
         return Err(Error::Config(format!(
             "PyTorch reference not found: {}",
@@ -418,6 +433,7 @@ pub fn run_compare(
                 k,
                 cell.split,
                 &vec![1; cell.model.num_units()],
+                None,
             )?;
             let (mut ours, mut theirs) = (Vec::new(), Vec::new());
             let k_arg = k.to_string();

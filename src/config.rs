@@ -297,6 +297,9 @@ impl TrainConfig {
             head: self.aux_head,
             input,
             classes,
+            penalty_cost: (self.rule == RuleKind::Sgr)
+                .then(|| self.sgr().penalty_cost())
+                .flatten(),
         }
     }
 
@@ -346,6 +349,32 @@ fn to_value<T: Serialize>(v: &T) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn balanced_memory_split_is_penalty_aware_for_sgr_only() {
+        let input = FeatureShape { c: 3, h: 32, w: 32 };
+        let ranges = |text: &str| {
+            let cfg = TrainConfig::resolve(
+                &TrainOptions::default(),
+                Some(&parse_options(text).unwrap()),
+                None,
+            )
+            .unwrap();
+            let spec = cfg.model_spec(input, 10);
+            let net = crate::model::SplitNet::new(&spec, tch::Device::Cpu).unwrap();
+            (spec.penalty_cost, net.module_ranges().to_vec())
+        };
+        let base = "model = \"resnet32\"\nmodules = 4\nsplit = \"balanced-memory\"\n";
+        let (dgl_cost, dgl) = ranges(&format!("{base}rule = \"dgl\"\n"));
+        let (sgr_cost, sgr) = ranges(&format!("{base}rule = \"sgr\"\n"));
+        let (off_cost, off) = ranges(&format!("{base}rule = \"sgr\"\nlambda = 0.0\n"));
+        assert_eq!(dgl_cost, None);
+        assert_eq!(off_cost, None);
+        assert_eq!(off, dgl);
+        assert_eq!(sgr_cost.map(|c| (c.from, c.factor)), Some((2, 2.5)));
+        // Module 1 carries no penalty, so it takes more units under sgr.
+        assert!(sgr[0].len() > dgl[0].len(), "sgr {sgr:?} dgl {dgl:?}");
+    }
 
     #[test]
     fn flags_override_file_override_defaults() {

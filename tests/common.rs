@@ -13,6 +13,7 @@ pub fn tiny_net(modules: usize, c: i64, s: i64, double: bool, seed: i64) -> Spli
         head: HeadKind::Conv,
         input: FeatureShape { c, h: s, w: s },
         classes: 3,
+        penalty_cost: None,
     };
     // Seed and draw under the library's lock: the tests run on several threads.
     let mut net = sgr::model::with_seed(seed, || SplitNet::new(&spec, Device::Cpu)).unwrap();

@@ -17,6 +17,7 @@ fn spec(
         head,
         input: FeatureShape { c, h: s, w: s },
         classes: 10,
+        penalty_cost: None,
     }
 }
 

@@ -61,6 +61,9 @@ pub struct ModelSpec {
     pub input: FeatureShape,
     /// Number of classes (from the data set).
     pub classes: i64,
+    /// What the rule adds to the memory of some modules (SGR), for `--split balanced-memory`.
+    #[serde(default)]
+    pub penalty_cost: Option<splits::PenaltyCost>,
 }
 
 /// A network cut into K modules, each with a classifier head.
@@ -94,7 +97,13 @@ impl SplitNet {
         let root = vs.root();
         let units = resnet::units(&root, spec.arch, spec.input);
         let weights: Vec<i64> = units.iter().map(|u| u.activation_elems).collect();
-        let modules = splits::split(spec.arch, spec.modules, spec.split, &weights)?;
+        let modules = splits::split(
+            spec.arch,
+            spec.modules,
+            spec.split,
+            &weights,
+            spec.penalty_cost,
+        )?;
         let mut heads = Vec::with_capacity(modules.len());
         for range in &modules[..modules.len() - 1] {
             let last = range.end - 1;

@@ -19,6 +19,19 @@ pub enum SplitStrategy {
     BalancedMemory,
 }
 
+/// Extra activation memory of the modules a rule regularises, for the balanced-memory split:
+/// modules `from..=K` (1-based) cost `factor` times their activation bytes. SGR's exact double
+/// backward keeps a second graph per regularised module (BENCHMARKS.md: 2.1–2.6x `dgl`'s peak),
+/// and module 1 never carries the penalty, so a split that ignores this puts too much in the
+/// regularised modules and too little in the first.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct PenaltyCost {
+    /// First module (1-based) that carries the extra cost.
+    pub from: usize,
+    /// Memory of such a module relative to its plain (`dgl`) memory.
+    pub factor: f64,
+}
+
 /// One entry of a split table.
 enum Entry {
     /// Explicit cuts in InfoPro's `[stage, block]` notation.
@@ -135,24 +148,30 @@ pub fn even(units: usize, k: usize) -> Vec<Range<usize>> {
 /// Contiguous split of weighted units into `k` ranges minimising the largest range weight
 /// (dynamic programming; ties broken towards earlier cuts).
 pub fn balanced(weights: &[i64], k: usize) -> Vec<Range<usize>> {
-    let n = weights.len();
+    balanced_scaled(weights, &vec![1.0; k])
+}
+
+/// Contiguous split of weighted units into `factors.len()` ranges minimising the largest
+/// `factors[j] ·` (weight of range j) (dynamic programming; ties broken towards earlier cuts).
+pub fn balanced_scaled(weights: &[i64], factors: &[f64]) -> Vec<Range<usize>> {
+    let (n, k) = (weights.len(), factors.len());
     let prefix: Vec<i64> = std::iter::once(0)
         .chain(weights.iter().scan(0, |s, w| {
             *s += w;
             Some(*s)
         }))
         .collect();
-    // best[j][i]: minimal max-weight splitting the first i units into j ranges.
-    let mut best = vec![vec![i64::MAX; n + 1]; k + 1];
+    // best[j][i]: minimal max cost splitting the first i units into j ranges.
+    let mut best = vec![vec![f64::INFINITY; n + 1]; k + 1];
     let mut cut = vec![vec![0usize; n + 1]; k + 1];
-    best[0][0] = 0;
+    best[0][0] = 0.0;
     for j in 1..=k {
         for i in j..=n {
             for p in (j - 1)..i {
-                if best[j - 1][p] == i64::MAX {
+                if best[j - 1][p].is_infinite() {
                     continue;
                 }
-                let cost = best[j - 1][p].max(prefix[i] - prefix[p]);
+                let cost = best[j - 1][p].max(factors[j - 1] * (prefix[i] - prefix[p]) as f64);
                 if cost < best[j][i] {
                     best[j][i] = cost;
                     cut[j][i] = p;
@@ -172,12 +191,14 @@ pub fn balanced(weights: &[i64], k: usize) -> Vec<Range<usize>> {
 }
 
 /// Resolves the module ranges for `arch` cut into `k` modules. `unit_weights` (activation
-/// elements per unit) is used by [`SplitStrategy::BalancedMemory`].
+/// elements per unit) and `penalty` (what the rule adds to some modules) are used by
+/// [`SplitStrategy::BalancedMemory`].
 pub fn split(
     arch: Arch,
     k: usize,
     strategy: SplitStrategy,
     unit_weights: &[i64],
+    penalty: Option<PenaltyCost>,
 ) -> Result<Vec<Range<usize>>> {
     let units = arch.num_units();
     if k == 0 || k > units {
@@ -200,7 +221,15 @@ pub fn split(
             ))),
         },
         SplitStrategy::Even => Ok(even(units, k)),
-        SplitStrategy::BalancedMemory => Ok(balanced(unit_weights, k)),
+        SplitStrategy::BalancedMemory => {
+            let factors: Vec<f64> = (1..=k)
+                .map(|module| match penalty {
+                    Some(p) if module >= p.from => p.factor,
+                    _ => 1.0,
+                })
+                .collect();
+            Ok(balanced_scaled(unit_weights, &factors))
+        }
     }
 }
 
@@ -224,7 +253,7 @@ mod tests {
             Arch::Resnet110,
         ] {
             for k in table_ks(arch) {
-                let r = split(arch, k, SplitStrategy::Table, &[]).unwrap();
+                let r = split(arch, k, SplitStrategy::Table, &[], None).unwrap();
                 assert_eq!(r.len(), k, "{arch} K={k}");
                 assert!(covers(&r, arch.num_units()), "{arch} K={k}: {r:?}");
             }
@@ -233,33 +262,33 @@ mod tests {
 
     #[test]
     fn infopro_resnet32_k2_cuts_after_unit_7() {
-        let r = split(Arch::Resnet32, 2, SplitStrategy::Table, &[]).unwrap();
+        let r = split(Arch::Resnet32, 2, SplitStrategy::Table, &[], None).unwrap();
         assert_eq!(r, vec![0..8, 8..16]);
-        let r = split(Arch::Resnet32, 4, SplitStrategy::Table, &[]).unwrap();
+        let r = split(Arch::Resnet32, 4, SplitStrategy::Table, &[], None).unwrap();
         assert_eq!(r, vec![0..4, 4..8, 8..12, 12..16]);
     }
 
     #[test]
     fn one_module_per_unit_at_full_k() {
-        let r = split(Arch::Resnet110, 55, SplitStrategy::Table, &[]).unwrap();
+        let r = split(Arch::Resnet110, 55, SplitStrategy::Table, &[], None).unwrap();
         assert!(r.iter().enumerate().all(|(i, r)| *r == (i..i + 1)));
         assert_eq!(
-            split(Arch::Resnet32, 16, SplitStrategy::Table, &[]).unwrap(),
+            split(Arch::Resnet32, 16, SplitStrategy::Table, &[], None).unwrap(),
             even(16, 16)
         );
     }
 
     #[test]
     fn bad_k_is_a_config_error_listing_supported_values() {
-        let e = split(Arch::Resnet32, 17, SplitStrategy::Table, &[])
+        let e = split(Arch::Resnet32, 17, SplitStrategy::Table, &[], None)
             .unwrap_err()
             .to_string();
         assert!(e.contains("1..=16"), "{e}");
-        let e = split(Arch::Resnet32, 5, SplitStrategy::Table, &[])
+        let e = split(Arch::Resnet32, 5, SplitStrategy::Table, &[], None)
             .unwrap_err()
             .to_string();
         assert!(e.contains("1, 2, 3, 4, 8, 16"), "{e}");
-        assert!(split(Arch::Resnet32, 5, SplitStrategy::Even, &[]).is_ok());
+        assert!(split(Arch::Resnet32, 5, SplitStrategy::Even, &[], None).is_ok());
     }
 
     #[test]
@@ -286,6 +315,42 @@ mod tests {
             }
         }
         assert_eq!(max, bf);
+    }
+
+    #[test]
+    fn scaled_balance_matches_brute_force_and_grows_the_unpenalised_module() {
+        let w = [6, 5, 4, 4, 3, 2, 2, 1];
+        let factors = [1.0, 2.5, 2.5];
+        let cost = |r: &[Range<usize>]| {
+            r.iter()
+                .zip(factors)
+                .map(|(r, f)| f * w[r.clone()].iter().sum::<i64>() as f64)
+                .fold(0.0, f64::max)
+        };
+        let r = balanced_scaled(&w, &factors);
+        assert!(covers(&r, w.len()));
+        let mut bf = f64::INFINITY;
+        for a in 1..w.len() {
+            for b in a + 1..w.len() {
+                bf = bf.min(cost(&[0..a, a..b, b..w.len()]));
+            }
+        }
+        assert_eq!(cost(&r), bf);
+        // With the penalty, the first module takes more units than the unscaled split gives it.
+        assert!(r[0].len() > balanced(&w, 3)[0].len(), "{r:?}");
+        let penalty = Some(PenaltyCost {
+            from: 2,
+            factor: 2.5,
+        });
+        let via_split = split(
+            Arch::Resnet20,
+            3,
+            SplitStrategy::BalancedMemory,
+            &[6, 5, 4, 4, 3, 2, 2, 1, 1, 1],
+            penalty,
+        )
+        .unwrap();
+        assert!(covers(&via_split, 10));
     }
 
     #[test]

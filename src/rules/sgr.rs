@@ -32,6 +32,7 @@ use super::{Rule, StepRecorder, StepStats, cross_entropy};
 use crate::Result;
 use crate::data::Batch;
 use crate::model::SplitNet;
+use crate::model::splits::PenaltyCost;
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
@@ -85,6 +86,22 @@ impl Default for SgrConfig {
             grad: SgrGrad::Exact,
             fd_eps: 3e-2,
         }
+    }
+}
+
+impl SgrConfig {
+    /// What the penalty adds to the memory of the modules it regularises, relative to `dgl`,
+    /// for `--split balanced-memory` (`None` when the penalty is off). The factors are measured
+    /// module-level peaks on ResNet-32 (BENCHMARKS.md, SGR memory table): exact 2.1–2.6x, fd
+    /// 1.1–1.4x; the upper ends are used.
+    pub fn penalty_cost(&self) -> Option<PenaltyCost> {
+        (self.lambda != 0.0).then_some(PenaltyCost {
+            from: self.from.max(2),
+            factor: match self.grad {
+                SgrGrad::Exact => 2.5,
+                SgrGrad::Fd => 1.4,
+            },
+        })
     }
 }
 

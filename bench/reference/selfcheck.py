@@ -187,27 +187,32 @@ def bp_probe_check():
 
 
 def optimizer_check():
+    """make_optimizer (torch.optim.SGD, two groups) follows the documented update:
+    d = g + wd*p only for ndim >= 2 unless decay_bn_and_bias, buf = mu*buf + d, p -= lr*(...)."""
     worst = 0.0
     for nesterov in (False, True):
         for decay_all in (False, True):
             torch.manual_seed(3)
-            ps = [torch.randn(4, 3, dtype=torch.float64), torch.randn(5, dtype=torch.float64)]
-            mine = [p.clone() for p in ps]
-            ref = [p.clone().requires_grad_(True) for p in ps]
-            opt = sgr_ref.SGD([(str(i), p) for i, p in enumerate(mine)], 0.1, 0.9, 5e-4, nesterov, decay_all)
-            groups = [{"params": [ref[0]], "weight_decay": 5e-4},
-                      {"params": [ref[1]], "weight_decay": 5e-4 if decay_all else 0.0}]
-            topt = torch.optim.SGD(groups, lr=0.1, momentum=0.9, nesterov=nesterov)
+            net = torch.nn.Module()
+            net.w = torch.nn.Parameter(torch.randn(4, 3, dtype=torch.float64))
+            net.b = torch.nn.Parameter(torch.randn(5, dtype=torch.float64))
+            cfg = sgr_ref.full_config({"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4,
+                                       "nesterov": nesterov, "decay_bn_and_bias": decay_all})
+            opt = sgr_ref.make_optimizer(net, cfg)
+            mine = {"w": net.w.detach().clone(), "b": net.b.detach().clone()}
+            bufs = {}
             for _ in range(3):
-                gs = [torch.randn_like(p) for p in ps]
-                for p, g in zip(mine, gs):
-                    p.grad = g.clone()
-                for p, g in zip(ref, gs):
-                    p.grad = g.clone()
+                gs = {"w": torch.randn(4, 3, dtype=torch.float64), "b": torch.randn(5, dtype=torch.float64)}
+                net.w.grad, net.b.grad = gs["w"].clone(), gs["b"].clone()
                 opt.step()
-                topt.step()
-            worst = max(worst, max((a - b.detach()).abs().max().item() for a, b in zip(mine, ref)))
-    check("SGD (decay exclusion, nesterov) == torch.optim.SGD", worst < 1e-14, f"max |diff| {worst:.1e}")
+                for n, p in mine.items():
+                    d = gs[n] + (5e-4 * p if (decay_all or p.ndim >= 2) else 0)
+                    bufs[n] = d.clone() if n not in bufs else 0.9 * bufs[n] + d
+                    p -= 0.1 * (d + 0.9 * bufs[n] if nesterov else bufs[n])
+            worst = max(worst, (mine["w"] - net.w.detach()).abs().max().item(),
+                        (mine["b"] - net.b.detach()).abs().max().item())
+    check("make_optimizer (decay exclusion, nesterov) == documented SGD update", worst < 1e-14,
+          f"max |diff| {worst:.1e}")
 
 
 def splits_check():

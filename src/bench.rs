@@ -223,6 +223,12 @@ pub fn run_grid(
     for _ in 0..repeats.max(1) {
         for (i, &(rule, k)) in cells.iter().enumerate() {
             let row = worker_row(&exe, cell, &cell_json, rule, k)?;
+            // Progress on stderr, so a run stopped by a time limit still shows what it measured.
+            eprintln!(
+                "  {rule} K={k}: {:.1} ms/step, peak {} MiB",
+                row.ms_per_step,
+                mib(row.peak_memory_bytes as f64)
+            );
             samples[i].push(row);
         }
     }
@@ -476,6 +482,14 @@ pub fn run_compare(
                 )?;
                 let row: ReferenceRow = serde_json::from_str(&text)
                     .map_err(|e| Error::Config(format!("bad reference output ({e}): {text}")))?;
+                let ours_last = ours.last().expect("pushed above");
+                eprintln!(
+                    "  {rule} K={k}: sgr {:.1} ms/step, {} MiB; PyTorch {:.1} ms/step, {} MiB",
+                    ours_last.ms_per_step,
+                    mib(ours_last.peak_memory_bytes as f64),
+                    row.ms_per_step,
+                    mib(row.peak_memory_bytes as f64)
+                );
                 theirs.push(row);
             }
             let sgr_ms = median(ours.iter().map(|r| r.ms_per_step).collect());

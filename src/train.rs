@@ -201,56 +201,121 @@ pub fn run_with_data(
     if cfg.threads > 0 {
         tch::set_num_threads(cfg.threads as i32);
     }
-    let net = build_net(cfg, ds)?;
-    let mut opt = Sgd::new(&net.vs, cfg.sgd());
-    let rule = rules::build(cfg.rule, &cfg.sgr());
-    let ckpt_path = checkpoint::path_in(out);
-    let metrics_path = out.join("metrics.jsonl");
-    let diag_path = out.join("diagnostics.jsonl");
-
-    let mut state = TrainState {
-        epoch: 0,
-        global_step: 0,
-        best_test_accuracy: 0.0,
-        train_seconds: 0.0,
-        images: 0,
-        peak_memory_bytes: 0,
-        config: serde_json::to_value(cfg).expect("config serialises"),
+    let mut trainer = Trainer::new(cfg, ds, out, quiet)?;
+    let mut state = trainer.start_or_resume(resume)?;
+    trainer.print_header(&state);
+    let meter = Meter::start();
+    let mut last_eval = None;
+    for epoch in state.epoch..cfg.epochs {
+        let (totals, seconds, lr) = trainer.train_epoch(epoch, &mut state)?;
+        state.peak_memory_bytes = state.peak_memory_bytes.max(meter.peak_above_baseline());
+        let eval = evaluate(&trainer.net, ds, &ds.test, cfg.batch_size.max(256));
+        let record = trainer.epoch_record(epoch, lr, &totals, seconds, &eval, &state);
+        metrics::append(&trainer.metrics_path, &record)?;
+        state.epoch = epoch + 1;
+        state.train_seconds += seconds;
+        state.images += totals.samples as u64;
+        state.best_test_accuracy = state.best_test_accuracy.max(record.test_accuracy);
+        checkpoint::save(&trainer.ckpt_path, &trainer.net, &trainer.opt, &state)?;
+        last_eval = Some(eval);
+    }
+    let eval = match last_eval {
+        Some(e) => e,
+        None => evaluate(&trainer.net, ds, &ds.test, cfg.batch_size.max(256)),
     };
-    if resume && ckpt_path.exists() {
-        let (vars, momentum, saved) = checkpoint::load(&ckpt_path)?;
-        checkpoint::load_into(&net, &ckpt_path, &vars, false)?;
-        opt.load_state(momentum).map_err(|e| Error::Checkpoint {
-            path: ckpt_path.clone(),
-            reason: e.to_string(),
-        })?;
-        let saved = saved.ok_or_else(|| Error::Checkpoint {
-            path: ckpt_path.clone(),
-            reason: "has no training state (not written by `sgr train`)".into(),
-        })?;
-        state = TrainState {
-            config: state.config,
-            ..saved
-        };
-    }
-    // A kill during a write can leave a hidden temp file; the real files are never torn.
-    for stale in [
-        ".checkpoint.safetensors.tmp",
-        ".checkpoint.json.tmp",
-        ".summary.json.tmp",
-    ] {
-        let _ = std::fs::remove_file(out.join(stale));
-    }
-    // Records past the checkpoint belong to an interrupted epoch that will be redone.
-    metrics::truncate_after_epoch(&metrics_path, state.epoch)?;
-    metrics::truncate_after_epoch(&diag_path, state.epoch)?;
+    trainer.write_summary(&state, eval)
+}
 
-    let ranges: Vec<[usize; 2]> = net
-        .module_ranges()
-        .iter()
-        .map(|r| [r.start, r.end])
-        .collect();
-    if !quiet {
+/// One run's network, optimizer, rule and files: the phases of [`run_with_data`].
+struct Trainer<'a> {
+    cfg: &'a TrainConfig,
+    ds: &'a Dataset,
+    out: &'a Path,
+    quiet: bool,
+    net: SplitNet,
+    opt: Sgd,
+    rule: Box<dyn rules::Rule>,
+    ckpt_path: std::path::PathBuf,
+    metrics_path: std::path::PathBuf,
+    diag_path: std::path::PathBuf,
+}
+
+impl<'a> Trainer<'a> {
+    fn new(cfg: &'a TrainConfig, ds: &'a Dataset, out: &'a Path, quiet: bool) -> Result<Self> {
+        let net = build_net(cfg, ds)?;
+        let opt = Sgd::new(&net.vs, cfg.sgd());
+        Ok(Trainer {
+            rule: rules::build(cfg.rule, &cfg.sgr()),
+            ckpt_path: checkpoint::path_in(out),
+            metrics_path: out.join("metrics.jsonl"),
+            diag_path: out.join("diagnostics.jsonl"),
+            cfg,
+            ds,
+            out,
+            quiet,
+            net,
+            opt,
+        })
+    }
+
+    /// A fresh state, or the checkpoint's (weights, momentum and state restored) if `resume`;
+    /// removes what an interrupted run may have left past its checkpoint.
+    fn start_or_resume(&mut self, resume: bool) -> Result<TrainState> {
+        let mut state = TrainState {
+            epoch: 0,
+            global_step: 0,
+            best_test_accuracy: 0.0,
+            train_seconds: 0.0,
+            images: 0,
+            peak_memory_bytes: 0,
+            config: serde_json::to_value(self.cfg).expect("config serialises"),
+        };
+        let ckpt_path = &self.ckpt_path;
+        if resume && ckpt_path.exists() {
+            let (vars, momentum, saved) = checkpoint::load(ckpt_path)?;
+            checkpoint::load_into(&self.net, ckpt_path, &vars, false)?;
+            self.opt
+                .load_state(momentum)
+                .map_err(|e| Error::Checkpoint {
+                    path: ckpt_path.clone(),
+                    reason: e.to_string(),
+                })?;
+            let saved = saved.ok_or_else(|| Error::Checkpoint {
+                path: ckpt_path.clone(),
+                reason: "has no training state (not written by `sgr train`)".into(),
+            })?;
+            state = TrainState {
+                config: state.config,
+                ..saved
+            };
+        }
+        // A kill during a write can leave a hidden temp file; the real files are never torn.
+        for stale in [
+            ".checkpoint.safetensors.tmp",
+            ".checkpoint.json.tmp",
+            ".summary.json.tmp",
+        ] {
+            let _ = std::fs::remove_file(self.out.join(stale));
+        }
+        // Records past the checkpoint belong to an interrupted epoch that will be redone.
+        metrics::truncate_after_epoch(&self.metrics_path, state.epoch)?;
+        metrics::truncate_after_epoch(&self.diag_path, state.epoch)?;
+        Ok(state)
+    }
+
+    fn module_ranges(&self) -> Vec<[usize; 2]> {
+        self.net
+            .module_ranges()
+            .iter()
+            .map(|r| [r.start, r.end])
+            .collect()
+    }
+
+    fn print_header(&self, state: &TrainState) {
+        if self.quiet {
+            return;
+        }
+        let (cfg, ds, net) = (self.cfg, self.ds, &self.net);
         eprintln!(
             "{} on {} ({} train / {} test), rule {}, K={} modules over units {:?}, {} parameters",
             cfg.model,
@@ -259,7 +324,7 @@ pub fn run_with_data(
             ds.test.len(),
             cfg.rule,
             net.num_modules(),
-            ranges,
+            self.module_ranges(),
             net.parameter_count()
         );
         for (name, n) in net.head_parameter_counts() {
@@ -273,23 +338,24 @@ pub fn run_with_data(
         }
     }
 
-    let schedule = cfg.schedule();
-    let device = net.device();
-    let meter = Meter::start();
-    let mut last_eval = None;
-    let mut consecutive_bad = 0;
-    let log_progress = !quiet && !std::io::stderr().is_terminal();
-    for epoch in state.epoch..cfg.epochs {
+    /// One epoch of training steps (diagnostics, rule step, non-finite check, optimizer step);
+    /// returns the epoch's totals, its training seconds and its first step's learning rate.
+    fn train_epoch(
+        &mut self,
+        epoch: usize,
+        state: &mut TrainState,
+    ) -> Result<(EpochTotals, f64, f64)> {
+        let cfg = self.cfg;
         let batches = Batches::new(
-            &ds.train,
-            &ds.meta,
+            &self.ds.train,
+            &self.ds.meta,
             cfg.batch_size,
             Order::Shuffled {
                 seed: cfg.seed,
                 epoch: epoch as u64,
             },
             cfg.augment,
-            device,
+            self.net.device(),
         );
         let full = batches.len();
         let steps = if cfg.max_steps_per_epoch > 0 {
@@ -297,7 +363,7 @@ pub fn run_with_data(
         } else {
             full
         };
-        let bar = if quiet {
+        let bar = if self.quiet {
             ProgressBar::hidden()
         } else {
             ProgressBar::new(steps as u64)
@@ -309,18 +375,20 @@ pub fn run_with_data(
             .expect("valid template"),
         );
         bar.set_prefix(format!("{}/{}", epoch + 1, cfg.epochs));
+        let log_progress = !self.quiet && !std::io::stderr().is_terminal();
+        let schedule = cfg.schedule();
         let mut totals = EpochTotals::default();
-        let epoch_lr = schedule.lr(epoch, 0, full, cfg.epochs);
+        let mut consecutive_bad = 0;
         let start = Instant::now();
         for (i, batch) in batches.take(steps).enumerate() {
             let lr = schedule.lr(epoch, i, full, cfg.epochs);
             if cfg.diag_every > 0
                 && state.global_step.is_multiple_of(cfg.diag_every)
-                && net.num_modules() > 1
+                && self.net.num_modules() > 1
             {
-                let d = diagnostics::measure(&net, &batch);
+                let d = diagnostics::measure(&self.net, &batch);
                 metrics::append(
-                    &diag_path,
+                    &self.diag_path,
                     &DiagRecord {
                         epoch: epoch + 1,
                         step: state.global_step,
@@ -331,15 +399,15 @@ pub fn run_with_data(
                 )?;
                 totals.discord.push(d);
             }
-            opt.zero_grad();
-            let stats = rule.step(&net, &batch, state.global_step)?;
-            if let Some(what) = non_finite(&net, &stats, &mut opt) {
+            self.opt.zero_grad();
+            let stats = self.rule.step(&self.net, &batch, state.global_step)?;
+            if let Some(what) = non_finite(&self.net, &stats, &mut self.opt) {
                 let msg = format!(
                     "training diverged at epoch {}, step {}: {what}; the last good checkpoint ({}) is kept — lower --lr or pass --on-nan skip-batch",
                     epoch + 1,
                     i + 1,
                     if state.epoch > 0 {
-                        ckpt_path.display().to_string()
+                        self.ckpt_path.display().to_string()
                     } else {
                         "none yet".into()
                     }
@@ -350,11 +418,11 @@ pub fn run_with_data(
                     return Err(Error::NonFinite(msg));
                 }
                 bar.println(format!("warning: skipping batch: {msg}"));
-                opt.zero_grad();
+                self.opt.zero_grad();
                 continue;
             }
             consecutive_bad = 0;
-            opt.step(lr);
+            self.opt.step(lr);
             state.global_step += 1;
             totals.add(&stats);
             let secs = start.elapsed().as_secs_f64();
@@ -379,12 +447,24 @@ pub fn run_with_data(
         }
         let seconds = start.elapsed().as_secs_f64();
         bar.finish_and_clear();
-        state.peak_memory_bytes = state.peak_memory_bytes.max(meter.peak_above_baseline());
-        let eval = evaluate(&net, ds, &ds.test, cfg.batch_size.max(256));
+        Ok((totals, seconds, schedule.lr(epoch, 0, full, cfg.epochs)))
+    }
+
+    /// The epoch's `metrics.jsonl` record (printed as one line unless quiet).
+    fn epoch_record(
+        &self,
+        epoch: usize,
+        lr: f64,
+        totals: &EpochTotals,
+        seconds: f64,
+        eval: &Evaluation,
+        state: &TrainState,
+    ) -> EpochRecord {
+        let cfg = self.cfg;
         let samples = totals.samples.max(1) as f64;
         let record = EpochRecord {
             epoch: epoch + 1,
-            lr: epoch_lr,
+            lr,
             train_loss: totals.module_loss.last().copied().unwrap_or(f64::NAN) / samples,
             train_accuracy: totals.correct as f64 / samples,
             test_loss: eval.loss,
@@ -403,7 +483,7 @@ pub fn run_with_data(
             bp_cosine: totals.discord_mean(|d| &d.bp_cosine),
             peak_memory_bytes: state.peak_memory_bytes,
         };
-        if !quiet {
+        if !self.quiet {
             eprintln!(
                 "epoch {}/{}: train loss {:.4} acc {:.2}% | test loss {:.4} acc {:.2}% | heads {} | {:.0} img/s",
                 epoch + 1,
@@ -421,41 +501,36 @@ pub fn run_with_data(
                 record.images_per_second
             );
         }
-        metrics::append(&metrics_path, &record)?;
-        state.epoch = epoch + 1;
-        state.train_seconds += seconds;
-        state.images += totals.samples as u64;
-        state.best_test_accuracy = state.best_test_accuracy.max(record.test_accuracy);
-        checkpoint::save(&ckpt_path, &net, &opt, &state)?;
-        last_eval = Some(eval);
+        record
     }
-    let eval = match last_eval {
-        Some(e) => e,
-        None => evaluate(&net, ds, &ds.test, cfg.batch_size.max(256)),
-    };
-    let summary = Summary {
-        rule: cfg.rule.to_string(),
-        model: cfg.model.to_string(),
-        dataset: cfg.data.to_string(),
-        modules: net.num_modules(),
-        module_ranges: ranges,
-        epochs: state.epoch,
-        seed: cfg.seed,
-        test_accuracy: *eval.module_accuracy.last().unwrap_or(&0.0),
-        best_test_accuracy: state.best_test_accuracy,
-        module_test_accuracy: eval.module_accuracy,
-        train_seconds: state.train_seconds,
-        images_per_second: state.images as f64 / state.train_seconds.max(1e-9),
-        peak_memory_bytes: state.peak_memory_bytes,
-        module_activation_bytes: (0..net.num_modules())
-            .map(|k| net.module_activation_bytes(k, cfg.batch_size))
-            .collect(),
-        parameters: net.parameter_count(),
-        config: cfg.clone(),
-    };
-    checkpoint::write_atomic(
-        &out.join("summary.json"),
-        &serde_json::to_vec_pretty(&summary).expect("summary serialises"),
-    )?;
-    Ok(summary)
+
+    /// Writes `summary.json` (atomically) and returns it.
+    fn write_summary(&self, state: &TrainState, eval: Evaluation) -> Result<Summary> {
+        let (cfg, net) = (self.cfg, &self.net);
+        let summary = Summary {
+            rule: cfg.rule.to_string(),
+            model: cfg.model.to_string(),
+            dataset: cfg.data.to_string(),
+            modules: net.num_modules(),
+            module_ranges: self.module_ranges(),
+            epochs: state.epoch,
+            seed: cfg.seed,
+            test_accuracy: *eval.module_accuracy.last().unwrap_or(&0.0),
+            best_test_accuracy: state.best_test_accuracy,
+            module_test_accuracy: eval.module_accuracy,
+            train_seconds: state.train_seconds,
+            images_per_second: state.images as f64 / state.train_seconds.max(1e-9),
+            peak_memory_bytes: state.peak_memory_bytes,
+            module_activation_bytes: (0..net.num_modules())
+                .map(|k| net.module_activation_bytes(k, cfg.batch_size))
+                .collect(),
+            parameters: net.parameter_count(),
+            config: cfg.clone(),
+        };
+        checkpoint::write_atomic(
+            &self.out.join("summary.json"),
+            &serde_json::to_vec_pretty(&summary).expect("summary serialises"),
+        )?;
+        Ok(summary)
+    }
 }

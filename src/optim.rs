@@ -34,15 +34,13 @@ impl Default for SgdConfig {
     }
 }
 
-/// One trainable variable: where its value, gradient and momentum live in the flat buffers.
+/// One trainable variable (itself a view into the flat value buffer) and its views into the
+/// flat gradient and momentum buffers.
 struct Param {
     name: String,
     value: Tensor,
-    offset: i64,
-    numel: i64,
-    shape: Vec<i64>,
-    /// Its view into the flat gradient buffer.
     grad_slot: Tensor,
+    momentum_slot: Tensor,
 }
 
 /// SGD over every trainable variable of a `VarStore`, in a fixed (name) order.
@@ -89,13 +87,15 @@ impl Sgd {
             )
         };
         let flat_grads = flat_values.zeros_like();
+        let flat_momentum = flat_values.zeros_like();
         let mut params = Vec::with_capacity(named.len());
         let mut decay_mask = Vec::with_capacity(named.len());
         let mut offset = 0;
         for (name, mut value) in named {
             let numel = value.numel() as i64;
             let shape = value.size();
-            value.set_data(&flat_values.narrow(0, offset, numel).view(shape.as_slice()));
+            let slot = |flat: &Tensor| flat.narrow(0, offset, numel).view(shape.as_slice());
+            value.set_data(&slot(&flat_values));
             let decayed = cfg.decay_bn_and_bias || shape.len() >= 2;
             decay_mask.push(Tensor::full(
                 [numel],
@@ -105,10 +105,8 @@ impl Sgd {
             params.push(Param {
                 name,
                 value,
-                offset,
-                numel,
-                grad_slot: flat_grads.narrow(0, offset, numel).view(shape.as_slice()),
-                shape,
+                grad_slot: slot(&flat_grads),
+                momentum_slot: slot(&flat_momentum),
             });
             offset += numel;
         }
@@ -116,7 +114,7 @@ impl Sgd {
             .then(|| Tensor::cat(&decay_mask, 0));
         Sgd {
             flat_grads,
-            flat_momentum: flat_values.zeros_like(),
+            flat_momentum,
             flat_values,
             params,
             cfg,
@@ -124,16 +122,11 @@ impl Sgd {
         }
     }
 
-    /// Clears every gradient (one fill of the flat buffer).
+    /// Clears every gradient (one fill of the flat buffer, after pulling in any gradient
+    /// autograd created or replaced since the last step).
     pub fn zero_grad(&mut self) {
+        self.gather_grads();
         let _ = self.flat_grads.zero_();
-        // A gradient autograd created or replaced since the last step is not in the flat buffer.
-        for p in &mut self.params {
-            let mut grad = p.value.grad();
-            if grad.defined() && grad.data_ptr() != p.grad_slot.data_ptr() {
-                let _ = grad.detach_().zero_();
-            }
-        }
     }
 
     /// Makes every defined gradient a view into the flat gradient buffer (copying it there the
@@ -181,13 +174,7 @@ impl Sgd {
     pub fn state(&self) -> Vec<(String, Tensor)> {
         self.params
             .iter()
-            .map(|p| {
-                let buf = self
-                    .flat_momentum
-                    .narrow(0, p.offset, p.numel)
-                    .view(p.shape.as_slice());
-                (p.name.clone(), buf)
-            })
+            .map(|p| (p.name.clone(), p.momentum_slot.shallow_clone()))
             .collect()
     }
 
@@ -198,15 +185,13 @@ impl Sgd {
             let saved = state
                 .remove(&p.name)
                 .ok_or_else(|| Error::Config(format!("optimizer state lacks `{}`", p.name)))?;
-            if saved.size() != p.shape {
+            if saved.size() != p.momentum_slot.size() {
                 return Err(Error::Config(format!(
                     "optimizer state `{}` has the wrong shape",
                     p.name
                 )));
             }
-            self.flat_momentum
-                .narrow(0, p.offset, p.numel)
-                .copy_(&saved.reshape([-1]));
+            p.momentum_slot.copy_(&saved);
         }
         Ok(())
     }

@@ -126,9 +126,7 @@ pub fn measure(cell: &CellArgs, rule: RuleKind, modules: usize) -> Result<Row> {
             w: cell.size,
         },
         classes: cell.classes,
-        penalty_cost: (rule == RuleKind::Sgr)
-            .then(|| sgr.penalty_cost())
-            .flatten(),
+        penalty_cost: rules::penalty_cost(rule, &sgr),
     };
     let device = cell.device.tch_device()?;
     let net = crate::model::with_seed(0, || SplitNet::new(&spec, device))?;
@@ -210,13 +208,7 @@ pub fn run_grid(
     }
     // Validate every K before spending minutes on the first cells.
     for &(_, k) in &cells {
-        crate::model::splits::split(
-            cell.model,
-            k,
-            cell.split,
-            &vec![1; cell.model.num_units()],
-            None,
-        )?;
+        crate::model::splits::check_k(cell.model, k, cell.split)?;
     }
     let cell_json = serde_json::to_string(cell).expect("cell serialises");
     let mut samples: Vec<Vec<Row>> = vec![Vec::new(); cells.len()];
@@ -434,18 +426,11 @@ pub fn run_compare(
     let mut rows = Vec::new();
     for &rule in rules_list {
         for &k in ks {
-            crate::model::splits::split(
-                cell.model,
-                k,
-                cell.split,
-                &vec![1; cell.model.num_units()],
-                None,
-            )?;
+            crate::model::splits::check_k(cell.model, k, cell.split)?;
             let (mut ours, mut theirs) = (Vec::new(), Vec::new());
             let k_arg = k.to_string();
             for _ in 0..repeats.max(1) {
-                let row = worker_row(&exe, cell, &cell_json, rule, k)?;
-                ours.push(row);
+                let mine = worker_row(&exe, cell, &cell_json, rule, k)?;
                 let text = run_json(
                     std::process::Command::new(python).arg(reference).args([
                         "bench",
@@ -482,14 +467,14 @@ pub fn run_compare(
                 )?;
                 let row: ReferenceRow = serde_json::from_str(&text)
                     .map_err(|e| Error::Config(format!("bad reference output ({e}): {text}")))?;
-                let ours_last = ours.last().expect("pushed above");
                 eprintln!(
                     "  {rule} K={k}: sgr {:.1} ms/step, {} MiB; PyTorch {:.1} ms/step, {} MiB",
-                    ours_last.ms_per_step,
-                    mib(ours_last.peak_memory_bytes as f64),
+                    mine.ms_per_step,
+                    mib(mine.peak_memory_bytes as f64),
                     row.ms_per_step,
                     mib(row.peak_memory_bytes as f64)
                 );
+                ours.push(mine);
                 theirs.push(row);
             }
             let sgr_ms = median(ours.iter().map(|r| r.ms_per_step).collect());

@@ -297,9 +297,7 @@ impl TrainConfig {
             head: self.aux_head,
             input,
             classes,
-            penalty_cost: (self.rule == RuleKind::Sgr)
-                .then(|| self.sgr().penalty_cost())
-                .flatten(),
+            penalty_cost: crate::rules::penalty_cost(self.rule, &self.sgr()),
         }
     }
 

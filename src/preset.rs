@@ -214,8 +214,7 @@ impl Preset {
             };
             let in_cell = |e: Error| Error::Config(format!("cell {name}: {e}"));
             let config = TrainConfig::resolve(&options, None, None).map_err(in_cell)?;
-            let units = config.model.num_units();
-            splits::split(config.model, k, config.split, &vec![1; units], None).map_err(in_cell)?;
+            splits::check_k(config.model, k, config.split).map_err(in_cell)?;
             cells.push(Cell {
                 name,
                 rule,

@@ -190,6 +190,12 @@ pub fn balanced_scaled(weights: &[i64], factors: &[f64]) -> Vec<Range<usize>> {
     ranges
 }
 
+/// Checks that `arch` can be cut into `k` modules with `strategy`, without building anything
+/// (the same errors as [`split`]).
+pub fn check_k(arch: Arch, k: usize, strategy: SplitStrategy) -> Result<()> {
+    split(arch, k, strategy, &vec![1; arch.num_units()], None).map(|_| ())
+}
+
 /// Resolves the module ranges for `arch` cut into `k` modules. `unit_weights` (activation
 /// elements per unit) and `penalty` (what the rule adds to some modules) are used by
 /// [`SplitStrategy::BalancedMemory`].

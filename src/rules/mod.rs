@@ -10,6 +10,7 @@ pub mod sgr;
 use crate::Result;
 use crate::data::Batch;
 use crate::model::SplitNet;
+use crate::model::splits::PenaltyCost;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
@@ -78,6 +79,15 @@ pub fn build(kind: RuleKind, sgr: &SgrConfig) -> Box<dyn Rule> {
         RuleKind::Bp => Box::new(bp::Bp),
         RuleKind::Dgl => Box::new(dgl::Dgl),
         RuleKind::Sgr => Box::new(sgr::Sgr(sgr.clone())),
+    }
+}
+
+/// What rule `kind` adds to the memory of some modules, for `--split balanced-memory`
+/// (`None` for rules whose modules all cost what `dgl`'s do).
+pub fn penalty_cost(kind: RuleKind, sgr: &SgrConfig) -> Option<PenaltyCost> {
+    match kind {
+        RuleKind::Bp | RuleKind::Dgl => None,
+        RuleKind::Sgr => sgr.penalty_cost(),
     }
 }
 

@@ -57,7 +57,7 @@ pub struct CellArgs {
     /// SGR: apply the penalty every N steps.
     #[arg(long, default_value_t = 1)]
     pub sgr_every: usize,
-    /// SGR: exact double backward or finite difference.
+    /// SGR penalty gradient: exact (double backward), jvp (exact, tangents) or fd.
     #[arg(long, default_value = "exact")]
     pub sgr_grad: SgrGrad,
     /// Compute device. On `cuda`, memory is the GPU's used memory (`nvidia-smi`) at the end

@@ -145,7 +145,7 @@ config_fields! {
     sgr_from: usize = 2;
     /// Apply the SGR penalty every N steps [default: 1]
     sgr_every: usize = 1;
-    /// SGR penalty gradient: exact double backward or finite difference [default: exact]
+    /// SGR penalty gradient: exact double backward, jvp (exact, tangents + recomputation, less memory, slower) or fd (finite difference) [default: exact]
     sgr_grad: SgrGrad = SgrGrad::Exact;
     /// Relative finite-difference step of --sgr-grad fd (see BENCHMARKS.md for how 3e-2 was chosen) [default: 3e-2]
     fd_eps: f64 = 3e-2;

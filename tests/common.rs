@@ -6,11 +6,23 @@ use tch::{Device, Kind, Tensor};
 
 /// A tiny ResNet-20 cut into `modules` even modules, on `c`x`s`x`s` inputs with 3 classes.
 pub fn tiny_net(modules: usize, c: i64, s: i64, double: bool, seed: i64) -> SplitNet {
+    tiny_net_with_head(HeadKind::Conv, modules, c, s, double, seed)
+}
+
+/// [`tiny_net`] with auxiliary heads of `head` kind.
+pub fn tiny_net_with_head(
+    head: HeadKind,
+    modules: usize,
+    c: i64,
+    s: i64,
+    double: bool,
+    seed: i64,
+) -> SplitNet {
     let spec = ModelSpec {
         arch: Arch::Resnet20,
         modules,
         split: SplitStrategy::Even,
-        head: HeadKind::Conv,
+        head,
         input: FeatureShape { c, h: s, w: s },
         classes: 3,
         penalty_cost: None,

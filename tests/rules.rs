@@ -2,7 +2,7 @@
 //! numerically.
 use crate::common::*;
 use sgr::data::Batch;
-use sgr::model::SplitNet;
+use sgr::model::{HeadKind, SplitNet};
 use sgr::optim::{Sgd, SgdConfig};
 use sgr::rules::sgr::distance;
 use sgr::rules::{self, RuleKind, SgrConfig, SgrDistance, SgrGrad, cross_entropy};
@@ -103,6 +103,12 @@ fn module_grads(net: &SplitNet, k: usize) -> Vec<f64> {
         .flat_map(|(_, t)| {
             Vec::<f64>::try_from(t.grad().to_kind(tch::Kind::Double).flatten(0, -1)).unwrap()
         })
+        .collect()
+}
+
+fn all_module_grads(net: &SplitNet) -> Vec<f64> {
+    (0..net.num_modules())
+        .flat_map(|k| module_grads(net, k))
         .collect()
 }
 
@@ -280,6 +286,81 @@ fn finite_difference_sgr_agrees_with_exact() {
                 "{name} moved by the finite-difference passes ({d})"
             );
         }
+    }
+}
+
+#[test]
+fn tangent_sgr_gradient_equals_the_double_backward_in_f64() {
+    // Even split of ResNet-20 into 3 modules: module 2 starts with a downsampling block, so
+    // every layer kind (stem, identity and projection blocks, every head) is covered.
+    for head in [HeadKind::Conv, HeadKind::Linear, HeadKind::Mlp] {
+        for distance_kind in [SgrDistance::L2, SgrDistance::Cosine] {
+            let batch = tiny_batch(5, 2, 8, true, 40);
+            let exact_cfg = SgrConfig {
+                lambda: 2.0,
+                distance: distance_kind,
+                ..Default::default()
+            };
+            let tangent_cfg = SgrConfig {
+                grad: SgrGrad::Jvp,
+                ..exact_cfg.clone()
+            };
+            let a = tiny_net_with_head(head, 3, 2, 8, true, 41);
+            let b = tiny_net_with_head(head, 3, 2, 8, true, 41);
+            step(&a, RuleKind::Sgr, &exact_cfg, &batch);
+            step(&b, RuleKind::Sgr, &tangent_cfg, &batch);
+            let (exact, tangent) = (all_module_grads(&a), all_module_grads(&b));
+            let err = rel_err(&tangent, &exact);
+            assert!(err < 1e-10, "{head:?} {distance_kind:?}: rel err {err:e}");
+            // Same running statistics: the tangent passes do not count as forwards.
+            assert_eq!(max_abs_diff(&values(&a), &values(&b)), 0.0);
+            // The penalty changed the gradients, so the comparison can fail.
+            step(&b, RuleKind::Dgl, &tangent_cfg, &batch);
+            let plain = all_module_grads(&b);
+            assert!(
+                rel_err(&plain, &exact) > 1e-4,
+                "{head:?}: no penalty effect"
+            );
+        }
+    }
+}
+
+#[test]
+fn unit_and_head_tangents_match_central_differences_in_f64() {
+    let net = tiny_net(3, 2, 8, true, 42);
+    let batch = tiny_batch(4, 2, 8, true, 43);
+    // J·v by a central difference of the layer's training forward (frozen running
+    // statistics); ReLU kinks are O(ε) rare at ε = 1e-6, so it converges in f64.
+    let central = |f: &dyn Fn(&Tensor) -> Tensor, x: &Tensor, v: &Tensor| {
+        let eps = 1e-6;
+        net.with_frozen_buffers(|| (f(&(x + v * eps)) - f(&(x - v * eps))) / (2.0 * eps))
+    };
+    let mut x = batch.images.shallow_clone();
+    let range_ends: Vec<usize> = net.module_ranges().iter().map(|r| r.end).collect();
+    for u in 0..range_ends[2] {
+        // Every unit, and every head on its module's output.
+        let v = x.randn_like();
+        let (value, tangent) = tch::no_grad(|| net.unit_forward_dual(u, &x, &v));
+        let fd = central(&|t| net.forward_unit(u, t, true), &x, &v);
+        let err = (&tangent - &fd).norm().double_value(&[]) / fd.norm().double_value(&[]);
+        assert!(
+            err < 1e-6,
+            "unit {u}: tangent vs central difference {err:e}"
+        );
+        let train = net.with_frozen_buffers(|| net.forward_unit(u, &x, true));
+        assert!((&value - &train).abs().max().double_value(&[]) < 1e-12);
+        if range_ends.contains(&(u + 1)) {
+            let k = range_ends.iter().position(|&e| e == u + 1).unwrap();
+            let v = value.randn_like();
+            let (_, tangent) = tch::no_grad(|| net.head_logits_dual(k, &value, &v));
+            let fd = central(&|t| net.head_logits(k, t, true), &value, &v);
+            let err = (&tangent - &fd).norm().double_value(&[]) / fd.norm().double_value(&[]);
+            assert!(
+                err < 1e-6,
+                "head {k}: tangent vs central difference {err:e}"
+            );
+        }
+        x = value;
     }
 }
 

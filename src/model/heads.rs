@@ -1,6 +1,7 @@
 //! Classifier heads: the auxiliary (local) classifiers that give modules 1..K-1 their local
 //! loss, and the network's own classifier, which serves the last module.
 use super::FeatureShape;
+use super::dual::{self, Dual, ForwardDual};
 use super::resnet::{batch_norm, conv};
 use serde::{Deserialize, Serialize};
 use tch::{Tensor, nn, nn::ModuleT};
@@ -99,6 +100,30 @@ impl ModuleT for Head {
             }
             Head::Linear { fc } => pool(xs).apply(fc),
             Head::Mlp { fc1, fc2 } => pool(xs).apply(fc1).relu().apply(fc2),
+        }
+    }
+}
+
+impl ForwardDual for Head {
+    fn forward_dual(&self, x: &Tensor, x_dot: &Tensor) -> Dual {
+        match self {
+            Head::Conv { conv, bn, fc } => {
+                let (x, x_dot) = dual::conv(conv, 1, x, x_dot);
+                let (x, x_dot) = dual::batch_norm(bn, &x, &x_dot);
+                let (x, x_dot) = dual::relu(&x, &x_dot);
+                let (x, x_dot) = dual::pool(&x, &x_dot);
+                dual::linear(fc, &x, &x_dot)
+            }
+            Head::Linear { fc } => {
+                let (x, x_dot) = dual::pool(x, x_dot);
+                dual::linear(fc, &x, &x_dot)
+            }
+            Head::Mlp { fc1, fc2 } => {
+                let (x, x_dot) = dual::pool(x, x_dot);
+                let (x, x_dot) = dual::linear(fc1, &x, &x_dot);
+                let (x, x_dot) = dual::relu(&x, &x_dot);
+                dual::linear(fc2, &x, &x_dot)
+            }
         }
     }
 }

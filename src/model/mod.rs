@@ -4,6 +4,7 @@
 //! `head_logits(k, h)` its head (an auxiliary classifier for k < K-1, the network's own
 //! classifier for the last module). All variables live in one `VarStore`, so a checkpoint is
 //! one file, and backbone names do not depend on K.
+pub mod dual;
 pub mod heads;
 pub mod resnet;
 pub mod splits;
@@ -13,6 +14,7 @@ pub use resnet::Arch;
 pub use splits::SplitStrategy;
 
 use crate::Result;
+use dual::{Dual, ForwardDual};
 use serde::{Deserialize, Serialize};
 use std::ops::Range;
 use tch::{Device, Tensor, nn, nn::ModuleT};
@@ -156,6 +158,23 @@ impl SplitNet {
         self.heads[k].forward_t(h, train)
     }
 
+    /// Runs unit `u` alone (units are numbered over the whole network; see
+    /// [`SplitNet::module_ranges`]).
+    pub fn forward_unit(&self, u: usize, x: &Tensor, train: bool) -> Tensor {
+        self.units[u].layer.forward_t(x, train)
+    }
+
+    /// Unit `u`'s value and tangent on `(x, x_dot)` (training-mode statistics, running
+    /// statistics untouched); see [`dual`].
+    pub fn unit_forward_dual(&self, u: usize, x: &Tensor, x_dot: &Tensor) -> Dual {
+        self.units[u].layer.forward_dual(x, x_dot)
+    }
+
+    /// Module `k`'s head logits and their tangent on `(h, h_dot)`.
+    pub fn head_logits_dual(&self, k: usize, h: &Tensor, h_dot: &Tensor) -> Dual {
+        self.heads[k].forward_dual(h, h_dot)
+    }
+
     /// The whole network end to end (the last module's classifier): `[B, C, H, W]` -> logits.
     pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         let mut h = x.shallow_clone();
@@ -245,23 +264,15 @@ impl SplitNet {
     /// before `f`: extra forward passes made for diagnostics or finite differences must not
     /// count as training steps of the running statistics.
     pub fn with_frozen_buffers<T>(&self, f: impl FnOnce() -> T) -> T {
-        let buffers: Vec<(Tensor, Tensor)> = self
-            .vs
-            .variables()
-            .into_values()
-            .filter(|t| !t.requires_grad())
-            .map(|t| {
-                let saved = t.detach().copy();
-                (t, saved)
-            })
-            .collect();
-        let out = f();
-        tch::no_grad(|| {
-            for (mut t, saved) in buffers {
-                t.copy_(&saved);
-            }
-        });
-        out
+        let buffers = self.vs.variables().into_values();
+        restoring(buffers.filter(|t| !t.requires_grad()).collect(), f)
+    }
+
+    /// [`SplitNet::with_frozen_buffers`] for module `k`'s buffers only (units and head), the
+    /// only ones a pass through module `k` can move; cheaper when called every step.
+    pub fn with_frozen_module_buffers<T>(&self, k: usize, f: impl FnOnce() -> T) -> T {
+        let buffers = self.module_variables(k, false).into_iter().map(|(_, t)| t);
+        restoring(buffers.collect(), f)
     }
 
     /// Trainable parameter count (backbone + all heads).
@@ -272,4 +283,16 @@ impl SplitNet {
             .map(|t| t.numel() as i64)
             .sum()
     }
+}
+
+/// Runs `f`, then writes back the values `buffers` had before it.
+fn restoring<T>(buffers: Vec<Tensor>, f: impl FnOnce() -> T) -> T {
+    let saved: Vec<Tensor> = buffers.iter().map(|t| t.detach().copy()).collect();
+    let out = f();
+    tch::no_grad(|| {
+        for (mut t, saved) in buffers.into_iter().zip(saved) {
+            t.copy_(&saved);
+        }
+    });
+    out
 }

@@ -6,6 +6,7 @@
 //! Variable names follow torchvision (`conv1`, `bn1`, `layer{s}.{i}.conv1`, `...downsample.0`,
 //! `fc`), so they do not depend on K and match a PyTorch `state_dict` key by key.
 use super::FeatureShape;
+use super::dual::{self, Dual, ForwardDual};
 use serde::{Deserialize, Serialize};
 use tch::{Tensor, nn, nn::ModuleT};
 
@@ -76,6 +77,7 @@ pub(crate) fn batch_norm(p: nn::Path, c: i64) -> nn::BatchNorm {
     let cfg = nn::BatchNormConfig {
         ws_init: nn::Init::Const(1.0),
         bs_init: nn::Init::Const(0.0),
+        eps: dual::BN_EPS,
         ..Default::default()
     };
     nn::batch_norm2d(p, c, cfg)
@@ -95,6 +97,14 @@ impl ModuleT for Stem {
     }
 }
 
+impl ForwardDual for Stem {
+    fn forward_dual(&self, x: &Tensor, x_dot: &Tensor) -> Dual {
+        let (x, x_dot) = dual::conv(&self.conv, 1, x, x_dot);
+        let (x, x_dot) = dual::batch_norm(&self.bn, &x, &x_dot);
+        dual::relu(&x, &x_dot)
+    }
+}
+
 /// A basic residual block: conv3x3 -> BN -> ReLU -> conv3x3 -> BN, plus the identity or a
 /// 1x1 conv + BN projection when the shape changes, then ReLU.
 #[derive(Debug)]
@@ -104,6 +114,7 @@ pub struct BasicBlock {
     conv2: nn::Conv2D,
     bn2: nn::BatchNorm,
     downsample: Option<(nn::Conv2D, nn::BatchNorm)>,
+    stride: i64,
 }
 
 impl BasicBlock {
@@ -121,6 +132,7 @@ impl BasicBlock {
             conv2: conv(p / "conv2", c_out, c_out, 3, 1),
             bn2: batch_norm(p / "bn2", c_out),
             downsample,
+            stride,
         }
     }
 }
@@ -142,11 +154,33 @@ impl ModuleT for BasicBlock {
     }
 }
 
+impl ForwardDual for BasicBlock {
+    fn forward_dual(&self, x: &Tensor, x_dot: &Tensor) -> Dual {
+        let (out, out_dot) = dual::conv(&self.conv1, self.stride, x, x_dot);
+        let (out, out_dot) = dual::batch_norm(&self.bn1, &out, &out_dot);
+        let (out, out_dot) = dual::relu(&out, &out_dot);
+        let (out, out_dot) = dual::conv(&self.conv2, 1, &out, &out_dot);
+        let (out, out_dot) = dual::batch_norm(&self.bn2, &out, &out_dot);
+        let (shortcut, shortcut_dot) = match &self.downsample {
+            Some((c, bn)) => {
+                let (s, s_dot) = dual::conv(c, self.stride, x, x_dot);
+                dual::batch_norm(bn, &s, &s_dot)
+            }
+            None => (x.shallow_clone(), x_dot.shallow_clone()),
+        };
+        dual::relu(&(out + shortcut), &(out_dot + shortcut_dot))
+    }
+}
+
+/// What a unit of the network is: a layer with a training/eval forward and a tangent forward.
+pub trait Unit: ModuleT + ForwardDual {}
+impl<T: ModuleT + ForwardDual> Unit for T {}
+
 /// A unit together with the facts the splitter and the memory meter need.
 #[derive(Debug)]
 pub struct UnitSpec {
     /// The layer itself.
-    pub layer: Box<dyn ModuleT>,
+    pub layer: Box<dyn Unit>,
     /// Output feature shape for one sample.
     pub out: FeatureShape,
     /// Elements per sample of the intermediate tensors this unit creates in a training forward

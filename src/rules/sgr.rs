@@ -27,12 +27,21 @@
 //! fd_eps = 3e-2 gave cosine 0.90–0.91 with the exact gradient on ResNet-20/32, 1e-3 only 0.4.
 //! The fd path holds one input-sized tensor more than `dgl` (v) instead of the exact path's
 //! second graph, so it is the low-memory option, at the price of that approximation.
+//!
+//! `--sgr-grad jvp` computes the same directional derivative exactly: module k runs on the
+//! pair (h, v), carrying the tangent J·v through every layer (forward mode, written with
+//! ordinary ops in [`crate::model::dual`]), its head gives the loss tangent
+//! `L̇ = (∂L_k/∂h)·v`, and one reverse pass of `λ·L̇` adds `λ·∇_θ D`. Unlike the double
+//! backward, this graph runs input to output like a forward pass, so it can be recomputed unit
+//! by unit (checkpointing): only one unit's tangent graph is alive at a time. It equals `exact`
+//! to rounding (tested to 1e-10 in f64), uses less memory when modules span several units, the
+//! same when a module is one residual block, and takes ~1.4x `exact`'s time (BENCHMARKS.md).
 //! See `../shared/research/paper.md` §3.3–3.6 for which parts are confirmed and which are ours.
 use super::{Rule, StepRecorder, StepStats, cross_entropy};
 use crate::Result;
 use crate::data::Batch;
-use crate::model::SplitNet;
 use crate::model::splits::PenaltyCost;
+use crate::model::{SplitNet, dual};
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
@@ -54,6 +63,9 @@ pub enum SgrGrad {
     /// Exact double backward (`create_graph`).
     #[default]
     Exact,
+    /// Exact, by reverse mode over a forward-mode tangent, recomputed unit by unit
+    /// (no `create_graph`; less memory than `exact`).
+    Jvp,
     /// Central finite difference along the input (first-order passes only).
     Fd,
 }
@@ -93,13 +105,16 @@ impl SgrConfig {
     /// What the penalty adds to the memory of the modules it regularises, relative to `dgl`,
     /// for `--split balanced-memory` (`None` when the penalty is off). The factors are measured
     /// module-level peaks on ResNet-32 (BENCHMARKS.md, SGR memory table): exact 2.1–2.6x, fd
-    /// 1.1–1.4x; the upper ends are used.
+    /// 1.1–1.2x; the upper ends are used. `jvp`'s peak is one unit's tangent graph rather than
+    /// a multiple of the module, so no factor fits it; it gets exact's, which puts the same
+    /// (smallest possible) penalised modules first in line.
     pub fn penalty_cost(&self) -> Option<PenaltyCost> {
         (self.lambda != 0.0).then_some(PenaltyCost {
             from: self.from.max(2),
             factor: match self.grad {
                 SgrGrad::Exact => 2.5,
-                SgrGrad::Fd => 1.4,
+                SgrGrad::Jvp => 2.5,
+                SgrGrad::Fd => 1.2,
             },
         })
     }
@@ -136,6 +151,7 @@ impl Rule for Sgr {
             let sends = active && k + 1 < modules && k + 2 >= cfg.from;
             let h_in = h.detach().set_requires_grad(target.is_some());
             let h_out = net.forward_module(k, &h_in, true);
+            let h_next = h_out.detach();
             let last = k + 1 == modules;
             prev_output_grad = match target {
                 Some(target) if cfg.grad == SgrGrad::Exact => {
@@ -155,13 +171,23 @@ impl Rule for Sgr {
                     output_grad
                 }
                 Some(target) => {
-                    let (loss, logits, output_grad) = local_backward(net, k, &h_out, labels, sends);
+                    let (loss, logits, _) = local_backward(net, k, &h_out, labels, false);
                     record.loss(&loss, &logits, labels, last);
                     let input_grad = h_in.grad();
-                    let penalty =
-                        finite_difference_penalty(net, k, &h_in, input_grad, target, labels, cfg);
+                    // The spent graph's nodes (reachable from the loss and the output) still
+                    // hold the input leaf, and the leaf its gradient: free them before the
+                    // penalty passes, which only need the input's values (`h`).
+                    drop((loss, logits, h_out, h_in));
+                    let (penalty, direction) = penalty_direction(cfg, input_grad, target);
                     record.penalty(k, &penalty);
-                    output_grad
+                    if cfg.grad == SgrGrad::Jvp {
+                        tangent_penalty(net, k, &h, direction, labels, cfg.lambda);
+                    } else {
+                        finite_difference_penalty(net, k, &h, direction, labels, cfg);
+                    }
+                    // Taken now rather than in the backward above, so that it is not held
+                    // through the penalty passes (one activation-sized tensor less at the peak).
+                    sends.then(|| head_output_grad(net, k, &h_next, labels))
                 }
                 None => {
                     let (loss, logits, output_grad) = local_backward(net, k, &h_out, labels, sends);
@@ -169,7 +195,7 @@ impl Rule for Sgr {
                     output_grad
                 }
             };
-            h = h_out.detach();
+            h = h_next;
         }
         Ok(record.finish())
     }
@@ -206,25 +232,103 @@ fn local_backward(
     (loss, logits, Some(output_grad))
 }
 
+/// ∂L_k/∂h_out through module `k`'s head alone, the same value `local_backward` returns (same
+/// batch statistics), with running statistics and parameter gradients left as they are.
+fn head_output_grad(net: &SplitNet, k: usize, h_out: &Tensor, labels: &Tensor) -> Tensor {
+    let leaf = h_out.detach().set_requires_grad(true);
+    // The backward reads the running statistics (saved by BatchNorm), so it runs before they
+    // are restored.
+    net.with_frozen_module_buffers(k, || {
+        let loss = cross_entropy(&net.head_logits(k, &leaf, true), labels);
+        Tensor::run_backward(&[&loss], &[&leaf], false, false).remove(0)
+    })
+}
+
+/// D(g_in, target) and v = ∂D/∂g_in at the current g_in, both detached: the direction in
+/// input space along which the penalty's parameter gradient is a directional derivative,
+///
+/// ```text
+/// ∇_θ D(∂L/∂h) = (∂D/∂g_in)ᵀ ∂²L/∂h∂θ = ∇_θ [ (∂L/∂h)·v ] = ∇_θ [ d/dε L(h + εv) at ε = 0 ],
+/// ```
+///
+/// with v held constant. `jvp` computes the last form exactly, `fd` approximates it.
+fn penalty_direction(cfg: &SgrConfig, input_grad: Tensor, target: Tensor) -> (Tensor, Tensor) {
+    let g = input_grad.detach().set_requires_grad(true);
+    let penalty = distance(cfg.distance, &g, &target);
+    let direction = Tensor::run_backward(&[&penalty], &[&g], false, false).remove(0);
+    (penalty.detach(), direction)
+}
+
+/// Adds λ·∇_θ D to module `k`'s parameter gradients, exactly: the module and its head run
+/// on the pair (h, v) carrying the tangent ḣ = J·v layer by layer ([`crate::model::dual`]),
+/// the head's loss tangent is L̇ = (∂L/∂h)·v, and one backward of λ·L̇ gives λ·∇_θ D.
+///
+/// Memory: the tangent doubles what a forward keeps for backward, so the backward runs unit
+/// by unit, recomputing each unit from its input pair stored by a first pass without graph
+/// (gradient checkpointing at unit boundaries). At any time it holds the boundary pairs, one
+/// unit's (or the head's) graph and one adjoint pair; never the second graph of `exact`'s
+/// `create_graph` backward, which cannot be freed layer by layer.
+fn tangent_penalty(
+    net: &SplitNet,
+    k: usize,
+    h_in: &Tensor,
+    direction: Tensor,
+    labels: &Tensor,
+    lambda: f64,
+) {
+    let units = net.module_ranges()[k].clone();
+    // The (value, tangent) input of every unit, then the module's output pair.
+    let mut boundaries: Vec<(Tensor, Tensor)> = vec![(h_in.detach(), direction)];
+    tch::no_grad(|| {
+        for u in units.clone() {
+            let (x, x_dot) = &boundaries[boundaries.len() - 1];
+            let next = net.unit_forward_dual(u, x, x_dot);
+            boundaries.push(next);
+        }
+    });
+    let leaves = |(x, x_dot): (Tensor, Tensor), needs_grad: bool| {
+        (
+            x.set_requires_grad(needs_grad),
+            x_dot.set_requires_grad(needs_grad),
+        )
+    };
+    let adjoint = |(x, x_dot): &(Tensor, Tensor)| (x.grad(), x_dot.grad());
+    // Head segment: the objective is λ·L̇ (the plain loss's gradient is already in place).
+    let output = leaves(boundaries.pop().expect("module output"), true);
+    let (logits, logits_dot) = net.head_logits_dual(k, &output.0, &output.1);
+    let (_, loss_dot) = dual::cross_entropy(&logits, &logits_dot, labels);
+    (loss_dot * lambda).backward();
+    let mut output_adjoint = adjoint(&output);
+    drop(output);
+    // Unit segments, last to first: recompute with graph, back-propagate the adjoint pair.
+    let first = units.start;
+    for u in units.rev() {
+        let input = leaves(boundaries.pop().expect("unit input"), u > first);
+        let (y, y_dot) = net.unit_forward_dual(u, &input.0, &input.1);
+        let kind = y.kind();
+        // Σ y⊙ȳ + ẏ⊙ẏ̄ with the adjoints held constant: its gradient is the vector-Jacobian
+        // product of the unit with the adjoint pair. The adjoints are moved into the products,
+        // whose backward nodes are then their only holders and free them as soon as they ran.
+        let (adjoint_value, adjoint_tangent) = output_adjoint;
+        let objective = (y * adjoint_value).sum(kind) + (y_dot * adjoint_tangent).sum(kind);
+        objective.backward();
+        output_adjoint = adjoint(&input);
+    }
+}
+
 /// Adds λ·∇_θ D to module `k`'s parameter gradients by a central finite difference along the
-/// input, and returns D. Uses only first-order backward passes, and at most one extra
-/// input-sized tensor beyond what `dgl` holds (v): the perturbed inputs are made in place in
-/// `h_in`'s storage, which nothing needs after this module.
+/// input, `[∇_θ L(h + εv) − ∇_θ L(h − εv)] / 2ε` with v from [`penalty_direction`]. Uses only
+/// first-order backward passes, and at most one extra input-sized tensor beyond what `dgl`
+/// holds (v): the perturbed inputs are made in place in `h_in`'s storage, which nothing needs
+/// after this module.
 fn finite_difference_penalty(
     net: &SplitNet,
     k: usize,
     h_in: &Tensor,
-    input_grad: Tensor,
-    target: Tensor,
+    mut v: Tensor,
     labels: &Tensor,
     cfg: &SgrConfig,
-) -> Tensor {
-    // v = ∂D/∂g_in at the current g_in: a constant direction in input space.
-    let g = input_grad.detach().set_requires_grad(true);
-    let penalty = distance(cfg.distance, &g, &target);
-    let mut v = Tensor::run_backward(&[&penalty], &[&g], false, false).remove(0);
-    drop((g, input_grad, target));
-    let penalty = penalty.detach();
+) {
     // ε = fd_eps·‖h‖/‖v‖ as a device scalar (no host round trip); v is scaled to ε·v in place.
     let h = h_in.detach();
     let eps = h.norm().clamp_min(1e-12) * cfg.fd_eps / v.norm().clamp_min(1e-30);
@@ -235,7 +339,7 @@ fn finite_difference_penalty(
         .map(|(_, t)| t)
         .collect();
     let grads_at = |x: &Tensor| {
-        net.with_frozen_buffers(|| {
+        net.with_frozen_module_buffers(k, || {
             let logits = net.head_logits(k, &net.forward_module(k, x, true), true);
             Tensor::run_backward(&[&cross_entropy(&logits, labels)], &params, false, false)
         })
@@ -252,5 +356,4 @@ fn finite_difference_penalty(
             let _ = p.grad().g_add_(&((gp - gm) * &scale));
         }
     });
-    penalty
 }

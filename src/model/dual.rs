@@ -1,0 +1,118 @@
+//! Forward-mode tangents: every layer as `(x, ẋ) -> (f(x), J_f(x)·ẋ)`.
+//!
+//! The tangent ẋ is carried next to the value through the same layers, with ordinary
+//! differentiable tensor ops, so reverse mode can then differentiate the tangent itself w.r.t.
+//! the parameters ("reverse over forward"). `sgr --sgr-grad jvp` uses this to get the SGR
+//! penalty's exact parameter gradient without a `create_graph` backward (see `rules::sgr`).
+//!
+//! The layers here reproduce the training forward (BatchNorm on batch statistics) but never
+//! update running statistics: the rule calls them only after the real forward of the step.
+//! Each function saves as few activation-sized tensors for reverse mode as its ops allow
+//! (what a layer saves is what the penalty's memory is made of).
+use tch::{Tensor, nn};
+
+/// A value and its tangent.
+pub type Dual = (Tensor, Tensor);
+
+/// BatchNorm's ε. [`super::resnet::batch_norm`] builds every BN layer with it, so the tangent
+/// layers normalise exactly as the layers do.
+pub const BN_EPS: f64 = 1e-5;
+
+/// A layer that can push a tangent through itself.
+pub trait ForwardDual {
+    /// `(f(x), J_f(x)·x_dot)` with batch statistics (training mode), running statistics
+    /// untouched. Differentiable in `x`, `x_dot` and the parameters.
+    fn forward_dual(&self, x: &Tensor, x_dot: &Tensor) -> Dual;
+}
+
+/// Convolution without bias (all of ours) with padding k/2: linear, so the tangent is the
+/// same convolution of ẋ.
+pub fn conv(layer: &nn::Conv2D, stride: i64, x: &Tensor, x_dot: &Tensor) -> Dual {
+    let padding = layer.ws.size()[2] / 2;
+    let apply = |t: &Tensor| {
+        t.conv2d(
+            &layer.ws,
+            layer.bs.as_ref(),
+            [stride, stride],
+            [padding, padding],
+            [1, 1],
+            1,
+        )
+    };
+    let tangent = x_dot.conv2d(
+        &layer.ws,
+        None::<Tensor>,
+        [stride, stride],
+        [padding, padding],
+        [1, 1],
+        1,
+    );
+    (apply(x), tangent)
+}
+
+/// Training-mode BatchNorm over `[B, C, H, W]`, per channel over (B, H, W):
+///
+/// ```text
+/// y = γ·x̂ + β,   x̂ = (x − μ)·s,   s = (var + ε)^-1/2
+/// ẏ = γ·s·(ẋ − mean(ẋ) − x̂·mean(x̂·ẋ))
+/// ```
+///
+/// The tangent includes the batch statistics' own dependence on x (the mean and x̂ terms).
+/// Reverse mode keeps three activation-sized tensors here (x − μ, x̂, ẋ).
+pub fn batch_norm(layer: &nn::BatchNorm, x: &Tensor, x_dot: &Tensor) -> Dual {
+    let dims: &[i64] = &[0, 2, 3];
+    let kind = x.kind();
+    let channel = |t: &Option<Tensor>| t.as_ref().map(|t| t.view([1, -1, 1, 1]));
+    let (gamma, beta) = (channel(&layer.ws), channel(&layer.bs));
+    let centred = x - x.mean_dim(dims, true, kind);
+    let invstd = (centred.square().mean_dim(dims, true, kind) + BN_EPS).rsqrt();
+    let x_hat = &centred * &invstd;
+    drop(centred);
+    let scale = match &gamma {
+        Some(g) => g * &invstd,
+        None => invstd,
+    };
+    let mean_dot = x_dot.mean_dim(dims, true, kind);
+    let along_x_hat = (&x_hat * x_dot).mean_dim(dims, true, kind);
+    let tangent = x_dot * &scale - &scale * mean_dot - &x_hat * (&scale * along_x_hat);
+    let value = match (gamma, beta) {
+        (Some(g), Some(b)) => &x_hat * g + b,
+        (Some(g), None) => &x_hat * g,
+        (None, Some(b)) => &x_hat + b,
+        (None, None) => x_hat,
+    };
+    (value, tangent)
+}
+
+/// ReLU: the tangent passes where the output is positive. `threshold_backward` reads the
+/// output ReLU keeps for its own backward anyway, so the tangent saves nothing more.
+pub fn relu(x: &Tensor, x_dot: &Tensor) -> Dual {
+    let value = x.relu();
+    let tangent = value.threshold_backward(x_dot, 0.0);
+    (value, tangent)
+}
+
+/// Linear layer: `x·Wᵀ + b`, tangent `ẋ·Wᵀ`.
+pub fn linear(layer: &nn::Linear, x: &Tensor, x_dot: &Tensor) -> Dual {
+    (
+        x.linear(&layer.ws, layer.bs.as_ref()),
+        x_dot.linear(&layer.ws, None::<Tensor>),
+    )
+}
+
+/// Global average pool `[B, C, H, W] -> [B, C]` of both.
+pub fn pool(x: &Tensor, x_dot: &Tensor) -> Dual {
+    let mean = |t: &Tensor| t.mean_dim(&[2i64, 3][..], false, t.kind());
+    (mean(x), mean(x_dot))
+}
+
+/// Mean cross-entropy and its tangent: `L̇ = mean_i Σ_c (p_ic − [c = y_i])·ż_ic`, p = softmax(z).
+pub fn cross_entropy(logits: &Tensor, logits_dot: &Tensor, labels: &Tensor) -> Dual {
+    let log_probs = logits.log_softmax(-1, logits.kind());
+    let loss = log_probs.nll_loss(labels);
+    let batch = logits.size()[0] as f64;
+    // nll_loss(ż) = −mean_i ż_{i, y_i}.
+    let tangent =
+        (log_probs.exp() * logits_dot).sum(logits.kind()) / batch + logits_dot.nll_loss(labels);
+    (loss, tangent)
+}

@@ -28,10 +28,21 @@ for dev in cpu cuda; do
   echo "rc=$?"; tail -n 1 "$RUNS/same-$dev/metrics.jsonl"
 done
 
+log "1b. the same 20 steps with --sgr-grad jvp on CUDA (equal to check 1's to rounding)"
+timeout 60 $S train --data fashion-mnist --data-dir gpu/data --model resnet20 --rule sgr --modules 4 \
+  --epochs 1 --train-subset 2560 --test-subset 1000 --max-steps-per-epoch 20 --device cuda \
+  --sgr-grad jvp --out "$RUNS/same-jvp-cuda" --quiet
+echo "rc=$?"; tail -n 1 "$RUNS/same-jvp-cuda/metrics.jsonl"
+
 log "2. step time and GPU memory per rule and K"
 timeout 120 $S bench step --device cuda --model resnet32 --batch-size 128 --modules 4,8,16 \
   --rule dgl,sgr --steps 20 --warmup 5 --repeats 2 --json > "$OUT/step-cuda.json"
 echo "rc=$?"; cat "$OUT/step-cuda.json"
+for grad in jvp fd; do
+  timeout 120 $S bench step --device cuda --model resnet32 --batch-size 128 --modules 4,8,16 \
+    --rule sgr --sgr-grad $grad --steps 20 --warmup 5 --repeats 2 --json > "$OUT/step-cuda-$grad.json"
+  echo "rc=$? $grad"; cat "$OUT/step-cuda-$grad.json"
+done
 
 log "3. where the reference's time goes (torch.profiler, 5 steps)"
 for cell in "bp 1" "dgl 4" "sgr 4"; do

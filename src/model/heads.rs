@@ -106,23 +106,20 @@ impl ModuleT for Head {
 
 impl ForwardDual for Head {
     fn forward_dual(&self, x: &Tensor, x_dot: &Tensor) -> Dual {
+        let input = (x.shallow_clone(), x_dot.shallow_clone());
         match self {
             Head::Conv { conv, bn, fc } => {
-                let (x, x_dot) = dual::conv(conv, 1, x, x_dot);
-                let (x, x_dot) = dual::batch_norm(bn, &x, &x_dot);
-                let (x, x_dot) = dual::relu(&x, &x_dot);
-                let (x, x_dot) = dual::pool(&x, &x_dot);
-                dual::linear(fc, &x, &x_dot)
+                let mut h = dual::conv(conv, 1, &input);
+                h = dual::batch_norm(bn, &h);
+                h = dual::relu(&h);
+                h = dual::pool(&h);
+                dual::linear(fc, &h)
             }
-            Head::Linear { fc } => {
-                let (x, x_dot) = dual::pool(x, x_dot);
-                dual::linear(fc, &x, &x_dot)
-            }
+            Head::Linear { fc } => dual::linear(fc, &dual::pool(&input)),
             Head::Mlp { fc1, fc2 } => {
-                let (x, x_dot) = dual::pool(x, x_dot);
-                let (x, x_dot) = dual::linear(fc1, &x, &x_dot);
-                let (x, x_dot) = dual::relu(&x, &x_dot);
-                dual::linear(fc2, &x, &x_dot)
+                let mut h = dual::linear(fc1, &dual::pool(&input));
+                h = dual::relu(&h);
+                dual::linear(fc2, &h)
             }
         }
     }

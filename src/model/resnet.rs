@@ -99,9 +99,9 @@ impl ModuleT for Stem {
 
 impl ForwardDual for Stem {
     fn forward_dual(&self, x: &Tensor, x_dot: &Tensor) -> Dual {
-        let (x, x_dot) = dual::conv(&self.conv, 1, x, x_dot);
-        let (x, x_dot) = dual::batch_norm(&self.bn, &x, &x_dot);
-        dual::relu(&x, &x_dot)
+        let mut h = dual::conv(&self.conv, 1, &(x.shallow_clone(), x_dot.shallow_clone()));
+        h = dual::batch_norm(&self.bn, &h);
+        dual::relu(&h)
     }
 }
 
@@ -156,19 +156,20 @@ impl ModuleT for BasicBlock {
 
 impl ForwardDual for BasicBlock {
     fn forward_dual(&self, x: &Tensor, x_dot: &Tensor) -> Dual {
-        let (out, out_dot) = dual::conv(&self.conv1, self.stride, x, x_dot);
-        let (out, out_dot) = dual::batch_norm(&self.bn1, &out, &out_dot);
-        let (out, out_dot) = dual::relu(&out, &out_dot);
-        let (out, out_dot) = dual::conv(&self.conv2, 1, &out, &out_dot);
-        let (out, out_dot) = dual::batch_norm(&self.bn2, &out, &out_dot);
-        let (shortcut, shortcut_dot) = match &self.downsample {
+        let input = (x.shallow_clone(), x_dot.shallow_clone());
+        let mut h = dual::conv(&self.conv1, self.stride, &input);
+        h = dual::batch_norm(&self.bn1, &h);
+        h = dual::relu(&h);
+        h = dual::conv(&self.conv2, 1, &h);
+        h = dual::batch_norm(&self.bn2, &h);
+        let (out, out_dot) = match &self.downsample {
             Some((c, bn)) => {
-                let (s, s_dot) = dual::conv(c, self.stride, x, x_dot);
-                dual::batch_norm(bn, &s, &s_dot)
+                let shortcut = dual::batch_norm(bn, &dual::conv(c, self.stride, &input));
+                (h.0 + shortcut.0, h.1 + shortcut.1)
             }
-            None => (x.shallow_clone(), x_dot.shallow_clone()),
+            None => (h.0 + x, h.1 + x_dot),
         };
-        dual::relu(&(out + shortcut), &(out_dot + shortcut_dot))
+        dual::relu(&(out, out_dot))
     }
 }
 

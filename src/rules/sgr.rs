@@ -34,8 +34,8 @@
 //! `L̇ = (∂L_k/∂h)·v`, and one reverse pass of `λ·L̇` adds `λ·∇_θ D`. Unlike the double
 //! backward, this graph runs input to output like a forward pass, so it can be recomputed unit
 //! by unit (checkpointing): only one unit's tangent graph is alive at a time. It equals `exact`
-//! to rounding (tested to 1e-10 in f64), uses less memory when modules span several units, the
-//! same when a module is one residual block, and takes ~1.4x `exact`'s time (BENCHMARKS.md).
+//! to rounding (tested to 1e-10 in f64) and needs less memory at every K ≥ 4 (ResNet-32, batch
+//! 128: 192 vs 300 MiB at K=4, 160 vs 184 at K=16), for more time (BENCHMARKS.md).
 //! See `../shared/research/paper.md` §3.3–3.6 for which parts are confirmed and which are ours.
 use super::{Rule, StepRecorder, StepStats, cross_entropy};
 use crate::Result;
@@ -105,15 +105,15 @@ impl SgrConfig {
     /// What the penalty adds to the memory of the modules it regularises, relative to `dgl`,
     /// for `--split balanced-memory` (`None` when the penalty is off). The factors are measured
     /// module-level peaks on ResNet-32 (BENCHMARKS.md, SGR memory table): exact 2.1–2.6x, fd
-    /// 1.1–1.2x; the upper ends are used. `jvp`'s peak is one unit's tangent graph rather than
-    /// a multiple of the module, so no factor fits it; it gets exact's, which puts the same
-    /// (smallest possible) penalised modules first in line.
+    /// 1.1–1.2x; the upper ends are used. `jvp`'s extra is one unit's tangent graph rather than
+    /// a multiple of the module, so no factor fits it well: 2.0 reproduces the split table's
+    /// peaks at K = 4 and 8 (2.5 would win 20 MiB at K=4 and lose 32 at K=8).
     pub fn penalty_cost(&self) -> Option<PenaltyCost> {
         (self.lambda != 0.0).then_some(PenaltyCost {
             from: self.from.max(2),
             factor: match self.grad {
                 SgrGrad::Exact => 2.5,
-                SgrGrad::Jvp => 2.5,
+                SgrGrad::Jvp => 2.0,
                 SgrGrad::Fd => 1.2,
             },
         })
@@ -295,8 +295,8 @@ fn tangent_penalty(
     let adjoint = |(x, x_dot): &(Tensor, Tensor)| (x.grad(), x_dot.grad());
     // Head segment: the objective is λ·L̇ (the plain loss's gradient is already in place).
     let output = leaves(boundaries.pop().expect("module output"), true);
-    let (logits, logits_dot) = net.head_logits_dual(k, &output.0, &output.1);
-    let (_, loss_dot) = dual::cross_entropy(&logits, &logits_dot, labels);
+    let logits = net.head_logits_dual(k, &output.0, &output.1);
+    let (_, loss_dot) = dual::cross_entropy(&logits, labels);
     (loss_dot * lambda).backward();
     let mut output_adjoint = adjoint(&output);
     drop(output);

@@ -29,29 +29,21 @@ pub trait ForwardDual {
     fn forward_dual(&self, x: &Tensor, x_dot: &Tensor) -> Dual;
 }
 
-/// Convolution without bias (all of ours) with padding k/2: linear, so the tangent is the
-/// same convolution of ẋ.
+/// Convolution with padding k/2 (stride given: `nn::Conv2D` keeps its own private). Linear,
+/// so the tangent is the same convolution of ẋ, without the bias.
 pub fn conv(layer: &nn::Conv2D, stride: i64, (x, x_dot): &Dual) -> Dual {
     let padding = layer.ws.size()[2] / 2;
-    let apply = |t: &Tensor| {
+    let apply = |t: &Tensor, bias: Option<&Tensor>| {
         t.conv2d(
             &layer.ws,
-            layer.bs.as_ref(),
+            bias,
             [stride, stride],
             [padding, padding],
             [1, 1],
             1,
         )
     };
-    let tangent = x_dot.conv2d(
-        &layer.ws,
-        None::<Tensor>,
-        [stride, stride],
-        [padding, padding],
-        [1, 1],
-        1,
-    );
-    (apply(x), tangent)
+    (apply(x, layer.bs.as_ref()), apply(x_dot, None))
 }
 
 /// Training-mode BatchNorm over `[B, C, H, W]`, per channel over (B, H, W):

@@ -292,36 +292,44 @@ fn finite_difference_sgr_agrees_with_exact() {
 #[test]
 fn tangent_sgr_gradient_equals_the_double_backward_in_f64() {
     // Even split of ResNet-20 into 3 modules: module 2 starts with a downsampling block, so
-    // every layer kind (stem, identity and projection blocks, every head) is covered.
-    for head in [HeadKind::Conv, HeadKind::Linear, HeadKind::Mlp] {
-        for distance_kind in [SgrDistance::L2, SgrDistance::Cosine] {
-            let batch = tiny_batch(5, 2, 8, true, 40);
-            let exact_cfg = SgrConfig {
-                lambda: 2.0,
-                distance: distance_kind,
-                ..Default::default()
-            };
-            let tangent_cfg = SgrConfig {
-                grad: SgrGrad::Jvp,
-                ..exact_cfg.clone()
-            };
-            let a = tiny_net_with_head(head, 3, 2, 8, true, 41);
-            let b = tiny_net_with_head(head, 3, 2, 8, true, 41);
-            step(&a, RuleKind::Sgr, &exact_cfg, &batch);
-            step(&b, RuleKind::Sgr, &tangent_cfg, &batch);
-            let (exact, tangent) = (all_module_grads(&a), all_module_grads(&b));
-            let err = rel_err(&tangent, &exact);
-            assert!(err < 1e-10, "{head:?} {distance_kind:?}: rel err {err:e}");
-            // Same running statistics: the tangent passes do not count as forwards.
-            assert_eq!(max_abs_diff(&values(&a), &values(&b)), 0.0);
-            // The penalty changed the gradients, so the comparison can fail.
-            step(&b, RuleKind::Dgl, &tangent_cfg, &batch);
-            let plain = all_module_grads(&b);
-            assert!(
-                rel_err(&plain, &exact) > 1e-4,
-                "{head:?}: no penalty effect"
-            );
-        }
+    // every layer kind (stem, identity and projection blocks, every head) is covered. With
+    // `from: 3` module 2 is not penalised but still sends its gradient to module 3.
+    let cases = [
+        (HeadKind::Conv, SgrDistance::L2, 2),
+        (HeadKind::Conv, SgrDistance::Cosine, 2),
+        (HeadKind::Linear, SgrDistance::L2, 2),
+        (HeadKind::Linear, SgrDistance::Cosine, 2),
+        (HeadKind::Mlp, SgrDistance::L2, 2),
+        (HeadKind::Mlp, SgrDistance::Cosine, 3),
+    ];
+    for (head, distance_kind, from) in cases {
+        let batch = tiny_batch(5, 2, 8, true, 40);
+        let exact_cfg = SgrConfig {
+            lambda: 2.0,
+            distance: distance_kind,
+            from,
+            ..Default::default()
+        };
+        let tangent_cfg = SgrConfig {
+            grad: SgrGrad::Jvp,
+            ..exact_cfg.clone()
+        };
+        let a = tiny_net_with_head(head, 3, 2, 8, true, 41);
+        let b = tiny_net_with_head(head, 3, 2, 8, true, 41);
+        step(&a, RuleKind::Sgr, &exact_cfg, &batch);
+        step(&b, RuleKind::Sgr, &tangent_cfg, &batch);
+        let (exact, tangent) = (all_module_grads(&a), all_module_grads(&b));
+        let err = rel_err(&tangent, &exact);
+        assert!(err < 1e-10, "{head:?} {distance_kind:?}: rel err {err:e}");
+        // Same running statistics: the tangent passes do not count as forwards.
+        assert_eq!(max_abs_diff(&values(&a), &values(&b)), 0.0);
+        // The penalty changed the gradients, so the comparison can fail.
+        step(&b, RuleKind::Dgl, &tangent_cfg, &batch);
+        let plain = all_module_grads(&b);
+        assert!(
+            rel_err(&plain, &exact) > 1e-4,
+            "{head:?}: no penalty effect"
+        );
     }
 }
 

@@ -35,7 +35,7 @@
 //! backward, this graph runs input to output like a forward pass, so it can be recomputed unit
 //! by unit (checkpointing): only one unit's tangent graph is alive at a time. It equals `exact`
 //! to rounding (tested to 1e-10 in f64) and needs less memory at every K ≥ 4 (ResNet-32, batch
-//! 128: 192 vs 300 MiB at K=4, 160 vs 184 at K=16), for more time (BENCHMARKS.md).
+//! 128: 160 vs 300 MiB at K=4, 136 vs 184 at K=16), for 1.2–1.4x the time (BENCHMARKS.md).
 //! See `../shared/research/paper.md` §3.3–3.6 for which parts are confirmed and which are ours.
 use super::{Rule, StepRecorder, StepStats, cross_entropy};
 use crate::Result;
@@ -106,8 +106,8 @@ impl SgrConfig {
     /// for `--split balanced-memory` (`None` when the penalty is off). The factors are measured
     /// module-level peaks on ResNet-32 (BENCHMARKS.md, SGR memory table): exact 2.1–2.6x, fd
     /// 1.1–1.2x; the upper ends are used. `jvp`'s extra is one unit's tangent graph rather than
-    /// a multiple of the module, so no factor fits it well: 2.0 reproduces the split table's
-    /// peaks at K = 4 and 8 (2.5 would win 20 MiB at K=4 and lose 32 at K=8).
+    /// a multiple of the module, so no factor fits it exactly; 2.0 was measured best of 1.5,
+    /// 2.0 and 2.5 (BENCHMARKS.md).
     pub fn penalty_cost(&self) -> Option<PenaltyCost> {
         (self.lambda != 0.0).then_some(PenaltyCost {
             from: self.from.max(2),
@@ -299,7 +299,9 @@ fn tangent_penalty(
     let (_, loss_dot) = dual::cross_entropy(&logits, labels);
     (loss_dot * lambda).backward();
     let mut output_adjoint = adjoint(&output);
-    drop(output);
+    // The spent graph's nodes hold the leaves (and their values) as long as any output of
+    // the graph lives, so all of it goes before the unit segments.
+    drop((output, logits));
     // Unit segments, last to first: recompute with graph, back-propagate the adjoint pair.
     let first = units.start;
     for u in units.rev() {

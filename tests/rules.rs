@@ -348,7 +348,8 @@ fn unit_and_head_tangents_match_central_differences_in_f64() {
     for u in 0..range_ends[2] {
         // Every unit, and every head on its module's output.
         let v = x.randn_like();
-        let (value, tangent) = tch::no_grad(|| net.unit_forward_dual(u, &x, &v));
+        let (value, tangent) =
+            tch::no_grad(|| net.unit_forward_dual(u, &(x.shallow_clone(), v.shallow_clone())));
         let fd = central(&|t| net.forward_unit(u, t, true), &x, &v);
         let err = (&tangent - &fd).norm().double_value(&[]) / fd.norm().double_value(&[]);
         assert!(
@@ -360,7 +361,9 @@ fn unit_and_head_tangents_match_central_differences_in_f64() {
         if range_ends.contains(&(u + 1)) {
             let k = range_ends.iter().position(|&e| e == u + 1).unwrap();
             let v = value.randn_like();
-            let (_, tangent) = tch::no_grad(|| net.head_logits_dual(k, &value, &v));
+            let (_, tangent) = tch::no_grad(|| {
+                net.head_logits_dual(k, &(value.shallow_clone(), v.shallow_clone()))
+            });
             let fd = central(&|t| net.head_logits(k, t, true), &value, &v);
             let err = (&tangent - &fd).norm().double_value(&[]) / fd.norm().double_value(&[]);
             assert!(

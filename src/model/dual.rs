@@ -24,9 +24,9 @@ pub const BN_EPS: f64 = 1e-5;
 
 /// A layer that can push a tangent through itself.
 pub trait ForwardDual {
-    /// `(f(x), J_f(x)·x_dot)` with batch statistics (training mode), running statistics
-    /// untouched. Differentiable in `x`, `x_dot` and the parameters.
-    fn forward_dual(&self, x: &Tensor, x_dot: &Tensor) -> Dual;
+    /// `(f(x), J_f(x)·ẋ)` for `input = (x, ẋ)`, with batch statistics (training mode),
+    /// running statistics untouched. Differentiable in x, ẋ and the parameters.
+    fn forward_dual(&self, input: &Dual) -> Dual;
 }
 
 /// Convolution with padding k/2 (stride given: `nn::Conv2D` keeps its own private). Linear,

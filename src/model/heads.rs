@@ -105,19 +105,18 @@ impl ModuleT for Head {
 }
 
 impl ForwardDual for Head {
-    fn forward_dual(&self, x: &Tensor, x_dot: &Tensor) -> Dual {
-        let input = (x.shallow_clone(), x_dot.shallow_clone());
+    fn forward_dual(&self, input: &Dual) -> Dual {
         match self {
             Head::Conv { conv, bn, fc } => {
-                let mut h = dual::conv(conv, 1, &input);
+                let mut h = dual::conv(conv, 1, input);
                 h = dual::batch_norm(bn, &h);
                 h = dual::relu(&h);
                 h = dual::pool(&h);
                 dual::linear(fc, &h)
             }
-            Head::Linear { fc } => dual::linear(fc, &dual::pool(&input)),
+            Head::Linear { fc } => dual::linear(fc, &dual::pool(input)),
             Head::Mlp { fc1, fc2 } => {
-                let mut h = dual::linear(fc1, &dual::pool(&input));
+                let mut h = dual::linear(fc1, &dual::pool(input));
                 h = dual::relu(&h);
                 dual::linear(fc2, &h)
             }

@@ -164,15 +164,15 @@ impl SplitNet {
         self.units[u].layer.forward_t(x, train)
     }
 
-    /// Unit `u`'s value and tangent on `(x, x_dot)` (training-mode statistics, running
+    /// Unit `u`'s value and tangent on `input = (x, ẋ)` (training-mode statistics, running
     /// statistics untouched); see [`dual`].
-    pub fn unit_forward_dual(&self, u: usize, x: &Tensor, x_dot: &Tensor) -> Dual {
-        self.units[u].layer.forward_dual(x, x_dot)
+    pub fn unit_forward_dual(&self, u: usize, input: &Dual) -> Dual {
+        self.units[u].layer.forward_dual(input)
     }
 
-    /// Module `k`'s head logits and their tangent on `(h, h_dot)`.
-    pub fn head_logits_dual(&self, k: usize, h: &Tensor, h_dot: &Tensor) -> Dual {
-        self.heads[k].forward_dual(h, h_dot)
+    /// Module `k`'s head logits and their tangent on `input = (h, ḣ)`.
+    pub fn head_logits_dual(&self, k: usize, input: &Dual) -> Dual {
+        self.heads[k].forward_dual(input)
     }
 
     /// The whole network end to end (the last module's classifier): `[B, C, H, W]` -> logits.

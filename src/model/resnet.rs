@@ -98,8 +98,8 @@ impl ModuleT for Stem {
 }
 
 impl ForwardDual for Stem {
-    fn forward_dual(&self, x: &Tensor, x_dot: &Tensor) -> Dual {
-        let mut h = dual::conv(&self.conv, 1, &(x.shallow_clone(), x_dot.shallow_clone()));
+    fn forward_dual(&self, input: &Dual) -> Dual {
+        let mut h = dual::conv(&self.conv, 1, input);
         h = dual::batch_norm(&self.bn, &h);
         dual::relu(&h)
     }
@@ -155,19 +155,18 @@ impl ModuleT for BasicBlock {
 }
 
 impl ForwardDual for BasicBlock {
-    fn forward_dual(&self, x: &Tensor, x_dot: &Tensor) -> Dual {
-        let input = (x.shallow_clone(), x_dot.shallow_clone());
-        let mut h = dual::conv(&self.conv1, self.stride, &input);
+    fn forward_dual(&self, input: &Dual) -> Dual {
+        let mut h = dual::conv(&self.conv1, self.stride, input);
         h = dual::batch_norm(&self.bn1, &h);
         h = dual::relu(&h);
         h = dual::conv(&self.conv2, 1, &h);
         h = dual::batch_norm(&self.bn2, &h);
         let (out, out_dot) = match &self.downsample {
             Some((c, bn)) => {
-                let shortcut = dual::batch_norm(bn, &dual::conv(c, self.stride, &input));
+                let shortcut = dual::batch_norm(bn, &dual::conv(c, self.stride, input));
                 (h.0 + shortcut.0, h.1 + shortcut.1)
             }
-            None => (h.0 + x, h.1 + x_dot),
+            None => (h.0 + &input.0, h.1 + &input.1),
         };
         dual::relu(&(out, out_dot))
     }

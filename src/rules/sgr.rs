@@ -40,8 +40,9 @@
 use super::{Rule, StepRecorder, StepStats, cross_entropy};
 use crate::Result;
 use crate::data::Batch;
+use crate::model::SplitNet;
+use crate::model::dual::{self, Dual};
 use crate::model::splits::PenaltyCost;
-use crate::model::{SplitNet, dual};
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
@@ -278,24 +279,23 @@ fn tangent_penalty(
 ) {
     let units = net.module_ranges()[k].clone();
     // The (value, tangent) input of every unit, then the module's output pair.
-    let mut boundaries: Vec<(Tensor, Tensor)> = vec![(h_in.detach(), direction)];
+    let mut boundaries: Vec<Dual> = vec![(h_in.detach(), direction)];
     tch::no_grad(|| {
         for u in units.clone() {
-            let (x, x_dot) = &boundaries[boundaries.len() - 1];
-            let next = net.unit_forward_dual(u, x, x_dot);
+            let next = net.unit_forward_dual(u, &boundaries[boundaries.len() - 1]);
             boundaries.push(next);
         }
     });
-    let leaves = |(x, x_dot): (Tensor, Tensor), needs_grad: bool| {
+    let leaves = |(x, x_dot): Dual, needs_grad: bool| {
         (
             x.set_requires_grad(needs_grad),
             x_dot.set_requires_grad(needs_grad),
         )
     };
-    let adjoint = |(x, x_dot): &(Tensor, Tensor)| (x.grad(), x_dot.grad());
+    let adjoint = |(x, x_dot): &Dual| (x.grad(), x_dot.grad());
     // Head segment: the objective is λ·L̇ (the plain loss's gradient is already in place).
     let output = leaves(boundaries.pop().expect("module output"), true);
-    let logits = net.head_logits_dual(k, &output.0, &output.1);
+    let logits = net.head_logits_dual(k, &output);
     let (_, loss_dot) = dual::cross_entropy(&logits, labels);
     (loss_dot * lambda).backward();
     let mut output_adjoint = adjoint(&output);
@@ -306,7 +306,7 @@ fn tangent_penalty(
     let first = units.start;
     for u in units.rev() {
         let input = leaves(boundaries.pop().expect("unit input"), u > first);
-        let (y, y_dot) = net.unit_forward_dual(u, &input.0, &input.1);
+        let (y, y_dot) = net.unit_forward_dual(u, &input);
         let kind = y.kind();
         // Σ y⊙ȳ + ẏ⊙ẏ̄ with the adjoints held constant: its gradient is the vector-Jacobian
         // product of the unit with the adjoint pair. The adjoints are moved into the products,

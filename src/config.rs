@@ -58,7 +58,7 @@ impl DeviceKind {
 }
 
 macro_rules! config_fields {
-    ($( $(#[doc = $doc:literal])* $([arg($($arg:tt)*)])? $name:ident : $ty:ty = $default:expr ; )*) => {
+    ($( $(#[doc = $doc:literal])* $([arg($($arg:tt)*)])? $([negation($neg:ident = $neg_flag:literal)])? $name:ident : $ty:ty = $default:expr ; )*) => {
         /// A fully resolved training configuration (saved as `config.json` in the run folder).
         #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
         #[serde(deny_unknown_fields)]
@@ -79,10 +79,35 @@ macro_rules! config_fields {
         pub struct TrainOptions {
             $(
                 $(#[doc = $doc])*
-                #[arg(long $(, $($arg)*)?)]
+                #[arg(long $(, $($arg)*)? $(, overrides_with = stringify!($neg))?)]
                 #[serde(default, skip_serializing_if = "Option::is_none")]
                 pub $name: Option<$ty>,
             )*
+            $($(
+                /// The negation switch of the field it names (a flag only, never a config key).
+                #[arg(
+                    long = $neg_flag,
+                    overrides_with = stringify!($name),
+                    help = concat!("Sets ", stringify!($name), " to false, like --", stringify!($name), "=false (in a config file: ", stringify!($name), " = false)")
+                )]
+                #[serde(skip)]
+                pub $neg: bool,
+            )?)*
+        }
+
+        impl TrainOptions {
+            /// The options with every negation switch (`--no-augment`) folded into its field,
+            /// so that only config keys are left: a negation is a flag, not a config key.
+            pub fn folded(&self) -> TrainOptions {
+                let mut o = self.clone();
+                $($(
+                    if o.$neg {
+                        o.$name = Some(false);
+                        o.$neg = false;
+                    }
+                )?)*
+                o
+            }
         }
     };
 }
@@ -110,11 +135,13 @@ config_fields! {
     lr: f64 = 0.1;
     /// SGD momentum [default: 0.9]
     momentum: f64 = 0.9;
-    /// Nesterov momentum [default: false]
+    /// Nesterov momentum (a switch; `--nesterov=false` turns it off) [default: false]
+    [arg(num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     nesterov: bool = false;
     /// Weight decay [default: 5e-4]
     weight_decay: f64 = 5e-4;
-    /// Apply weight decay to BatchNorm parameters and biases too [default: false]
+    /// Apply weight decay to BatchNorm parameters and biases too (a switch) [default: false]
+    [arg(num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     decay_bn_and_bias: bool = false;
     /// LR schedule [default: cosine]
     schedule: ScheduleKind = ScheduleKind::Cosine;
@@ -133,7 +160,9 @@ config_fields! {
     train_subset: usize = 0;
     /// Evaluate on the first N test images only (0 = all) [default: 0]
     test_subset: usize = 0;
-    /// Data augmentation (crop, plus flip for CIFAR) [default: true]
+    /// Data augmentation (crop, plus flip for CIFAR); `--no-augment` turns it off [default: true]
+    [arg(num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    [negation(no_augment = "no-augment")]
     augment: bool = true;
     /// Stop each epoch after N steps (0 = full epochs; for smoke tests and benchmarks) [default: 0]
     max_steps_per_epoch: usize = 0;
@@ -157,7 +186,8 @@ config_fields! {
     device: DeviceKind = DeviceKind::Cpu;
 }
 
-/// Fields that may differ from the saved config when a run is resumed.
+/// Fields that may differ from the saved config when a run is resumed (`epochs` only where
+/// the schedule does not depend on it, see [`TrainConfig::resolve`]).
 const RESUMABLE_OVERRIDES: &[&str] = &[
     "epochs",
     "threads",
@@ -204,39 +234,64 @@ pub fn parse_toml<T: serde::de::DeserializeOwned>(text: &str) -> std::result::Re
 
 impl TrainConfig {
     /// Resolves `flags` over `file` over the defaults (or over `saved`, when resuming).
+    ///
+    /// A resumed run is the same run: every value set by a flag or by the file must equal the
+    /// saved one, except the [`RESUMABLE_OVERRIDES`]; `epochs` may change only where the
+    /// schedule does not depend on it (`step`, `constant`), since a cosine schedule stretched
+    /// to a new total would no longer be the one the past epochs followed.
     pub fn resolve(
         flags: &TrainOptions,
         file: Option<&TrainOptions>,
         saved: Option<&TrainConfig>,
     ) -> Result<Self> {
+        let flags = flags.folded();
         let mut merged = match saved {
             Some(s) => to_value(s),
             None => to_value(&TrainConfig::default()),
         };
         if let Some(saved) = saved {
-            // A resumed run is the same run: only harmless fields may change.
-            let flags_value = to_value(flags);
             let saved_value = to_value(saved);
-            for (key, value) in flags_value.as_object().into_iter().flatten() {
-                if !RESUMABLE_OVERRIDES.contains(&key.as_str())
-                    && saved_value.get(key) != Some(value)
-                {
+            let flags_value = to_value(&flags);
+            let file_value = file.map(|f| to_value(&f.folded()));
+            // What the flags set, then what only the file sets (flags win over the file).
+            let file_only = file_value
+                .iter()
+                .flat_map(|v| v.as_object().into_iter().flatten())
+                .filter(|(key, _)| flags_value.get(key.as_str()).is_none());
+            let given = flags_value
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|kv| (kv, true))
+                .chain(file_only.map(|kv| (kv, false)));
+            for ((key, value), from_flag) in given {
+                let was = saved_value.get(key);
+                if was == Some(value) {
+                    continue;
+                }
+                let name = if from_flag {
+                    format!("--{}", key.replace('_', "-"))
+                } else {
+                    format!("{key} (in the --config file)")
+                };
+                let was = was.map(|v| v.to_string()).unwrap_or_default();
+                if !RESUMABLE_OVERRIDES.contains(&key.as_str()) {
                     return Err(Error::Config(format!(
-                        "--{} cannot change when resuming (the run has {}); only {} may",
-                        key.replace('_', "-"),
-                        saved_value
-                            .get(key)
-                            .map(|v| v.to_string())
-                            .unwrap_or_default(),
+                        "{name} cannot change when resuming (the run has {was}, this asks for {value}); only {} may; leave it out or start a new run in another --out",
                         RESUMABLE_OVERRIDES.join(", ")
+                    )));
+                }
+                if key == "epochs" && saved.schedule == ScheduleKind::Cosine {
+                    return Err(Error::Config(format!(
+                        "{name} cannot change when resuming a run with the cosine schedule (the run has {was}, this asks for {value}): the rate at every step depends on the total, so the epochs already trained would no longer follow it; start a new run in another --out with --epochs {value} (runs with --schedule step or constant can be extended)"
                     )));
                 }
             }
         }
         if let Some(file) = file {
-            overlay(&mut merged, to_value(file));
+            overlay(&mut merged, to_value(&file.folded()));
         }
-        overlay(&mut merged, to_value(flags));
+        overlay(&mut merged, to_value(&flags));
         let cfg: TrainConfig = serde_json::from_value(merged)
             .map_err(|e| Error::Config(format!("bad configuration: {e}")))?;
         cfg.validate()?;
@@ -277,6 +332,20 @@ impl TrainConfig {
             return fail(
                 "sgr-from",
                 "must be at least 2 (module 1 has no predecessor)",
+            );
+        }
+        if self.rule == RuleKind::Sgr && self.sgr_from > self.modules {
+            let fix = if self.modules < 2 {
+                "--rule sgr needs --modules 2 or more".to_string()
+            } else {
+                format!("use a value in 2..={}, or --rule dgl", self.modules)
+            };
+            return fail(
+                "sgr-from",
+                &format!(
+                    "{} is larger than --modules {}, so no module would be regularised (the run would be dgl under the name sgr); {fix}",
+                    self.sgr_from, self.modules
+                ),
             );
         }
         if !(self.fd_eps.is_finite() && self.fd_eps > 0.0) {
@@ -413,12 +482,152 @@ mod tests {
             .to_string();
         assert!(e.contains("--modules"), "{e}");
         let flags = TrainOptions {
-            epochs: Some(20),
+            threads: Some(1),
             modules: Some(4),
             ..Default::default()
         };
         let cfg = TrainConfig::resolve(&flags, None, Some(&saved)).unwrap();
-        assert_eq!((cfg.epochs, cfg.modules, cfg.rule), (20, 4, RuleKind::Dgl));
+        assert_eq!((cfg.threads, cfg.modules, cfg.rule), (1, 4, RuleKind::Dgl));
+    }
+
+    #[test]
+    fn resume_checks_config_file_values_like_flags() {
+        let saved = TrainConfig {
+            rule: RuleKind::Dgl,
+            modules: 4,
+            ..Default::default()
+        };
+        let resume = |file: &str, flags: &TrainOptions| {
+            TrainConfig::resolve(flags, Some(&parse_options(file).unwrap()), Some(&saved))
+        };
+        let none = TrainOptions::default();
+        for (file, key) in [
+            ("lr = 0.05\n", "lr (in the --config file)"),
+            ("rule = \"sgr\"\n", "rule (in the --config file)"),
+            ("sgr_every = 4\n", "sgr_every (in the --config file)"),
+            ("batch_size = 64\n", "batch_size (in the --config file)"),
+        ] {
+            let e = resume(file, &none).unwrap_err().to_string();
+            assert!(e.starts_with(key) && e.contains("cannot change"), "{e}");
+        }
+        // A flag that restores the saved value overrides a differing file value.
+        let flags = TrainOptions {
+            lr: Some(saved.lr),
+            ..Default::default()
+        };
+        assert_eq!(resume("lr = 0.05\n", &flags).unwrap(), saved);
+        // Values equal to the saved ones and the fields allowed to change pass; nothing else moves.
+        let cfg = resume("lr = 0.1\nmodules = 4\nthreads = 1\n", &none).unwrap();
+        assert_eq!(
+            cfg,
+            TrainConfig {
+                threads: 1,
+                ..saved.clone()
+            }
+        );
+    }
+
+    #[test]
+    fn resume_refuses_new_epochs_under_a_cosine_schedule_only() {
+        let more = TrainOptions {
+            epochs: Some(20),
+            ..Default::default()
+        };
+        let cosine = TrainConfig::default();
+        let e = TrainConfig::resolve(&more, None, Some(&cosine))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("--epochs cannot change") && e.contains("cosine"),
+            "{e}"
+        );
+        let e = TrainConfig::resolve(
+            &TrainOptions::default(),
+            Some(&parse_options("epochs = 20").unwrap()),
+            Some(&cosine),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("epochs (in the --config file) cannot change"),
+            "{e}"
+        );
+        // The same total is no change.
+        let same = TrainOptions {
+            epochs: Some(cosine.epochs),
+            ..Default::default()
+        };
+        assert_eq!(
+            TrainConfig::resolve(&same, None, Some(&cosine)).unwrap(),
+            cosine
+        );
+        for kind in [ScheduleKind::Step, ScheduleKind::Constant] {
+            let saved = TrainConfig {
+                schedule: kind,
+                ..Default::default()
+            };
+            let cfg = TrainConfig::resolve(&more, None, Some(&saved)).unwrap();
+            assert_eq!(cfg.epochs, 20);
+        }
+    }
+
+    #[test]
+    fn sgr_from_beyond_the_last_module_is_refused() {
+        for (modules, from, ok) in [(2, 2, true), (3, 3, true), (2, 3, false), (1, 2, false)] {
+            let flags = TrainOptions {
+                rule: Some(RuleKind::Sgr),
+                modules: Some(modules),
+                sgr_from: Some(from),
+                ..Default::default()
+            };
+            let r = TrainConfig::resolve(&flags, None, None);
+            assert_eq!(r.is_ok(), ok, "K={modules} from={from}: {r:?}");
+            if let Err(e) = r {
+                let e = e.to_string();
+                assert!(
+                    e.starts_with("--sgr-from:") && e.contains(&format!("--modules {modules}")),
+                    "{e}"
+                );
+            }
+            // Other rules do not read --sgr-from.
+            let dgl = TrainOptions {
+                rule: Some(RuleKind::Dgl),
+                ..flags
+            };
+            assert!(TrainConfig::resolve(&dgl, None, None).is_ok());
+        }
+    }
+
+    #[test]
+    fn boolean_flags_are_switches() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            options: TrainOptions,
+        }
+        let parse = |args: &[&str]| {
+            let cli = <Cli as clap::Parser>::try_parse_from(
+                std::iter::once("sgr").chain(args.iter().copied()),
+            )
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+            TrainConfig::resolve(&cli.options, None, None).unwrap()
+        };
+        let cfg = parse(&["--nesterov", "--no-augment", "--decay-bn-and-bias"]);
+        assert!(cfg.nesterov && !cfg.augment && cfg.decay_bn_and_bias);
+        let cfg = parse(&[]);
+        assert!(!cfg.nesterov && cfg.augment && !cfg.decay_bn_and_bias);
+        // An explicit value needs `=`; the last of --augment / --no-augment wins.
+        assert!(!parse(&["--nesterov=false"]).nesterov);
+        assert!(parse(&["--no-augment", "--augment"]).augment);
+        assert!(!parse(&["--augment", "--no-augment"]).augment);
+        assert!(!parse(&["--augment=false"]).augment);
+        // A switch that is not given leaves the config file's value alone.
+        let cli = <Cli as clap::Parser>::try_parse_from(["sgr", "--lr", "0.1"]).unwrap();
+        let file = parse_options("augment = false\nnesterov = true\n").unwrap();
+        let cfg = TrainConfig::resolve(&cli.options, Some(&file), None).unwrap();
+        assert!(!cfg.augment && cfg.nesterov);
+        // The negation is a flag, not a config key.
+        assert!(parse_options("no_augment = true\n").is_err());
     }
 
     #[test]

@@ -84,6 +84,10 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Internal: panic on purpose, so that tests can check what the panic hook prints and
+    /// that the bad-input checks would notice a panic.
+    #[command(hide = true)]
+    InternalPanic,
 }
 
 #[derive(Subcommand)]
@@ -345,6 +349,7 @@ fn run(cli: Cli) -> Result<()> {
             dry_run,
         } => sweep(&preset, out, dry_run),
         Command::Report { dir, out } => report(&dir, out),
+        Command::InternalPanic => panic!("deliberate panic (sgr internal-panic)"),
         Command::Bench { command } => match command {
             BenchCommand::Memory(mut args) => {
                 args.cell.live_memory = true;
@@ -391,7 +396,8 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn main() -> ExitCode {
-    // A panic is a bug in sgr; say so in one line instead of a backtrace.
+    // A panic is a bug in sgr; say so in one line, with where it happened so that a report
+    // is actionable, and the backtrace only when RUST_BACKTRACE asks for it.
     std::panic::set_hook(Box::new(|info| {
         let msg = info
             .payload()
@@ -400,7 +406,16 @@ fn main() -> ExitCode {
             .or_else(|| info.payload().downcast_ref::<&str>().copied())
             .unwrap_or("unknown panic");
         let first = msg.lines().next().unwrap_or(msg);
-        eprintln!("error: internal error (please report): {first}");
+        let location = info
+            .location()
+            .map(|l| format!(" (at {}:{}:{})", l.file(), l.line(), l.column()))
+            .unwrap_or_default();
+        eprintln!("error: internal error (please report): {first}{location}");
+        // `capture` honours RUST_BACKTRACE / RUST_LIB_BACKTRACE and is a no-op without them.
+        let trace = std::backtrace::Backtrace::capture();
+        if trace.status() == std::backtrace::BacktraceStatus::Captured {
+            eprintln!("stack backtrace:\n{trace}");
+        }
     }));
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,

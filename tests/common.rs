@@ -86,6 +86,17 @@ pub fn max_abs_diff(a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>) ->
         .fold(0.0, f64::max)
 }
 
+/// Fails if `stderr` of an `sgr` command shows a panic: Rust's own report, or the one-line
+/// `internal error` the binary's panic hook turns every panic into.
+pub fn assert_no_panic(stderr: &str) {
+    for marker in ["panicked", "RUST_BACKTRACE", "internal error"] {
+        assert!(
+            !stderr.contains(marker),
+            "the command panicked ({marker:?} in its stderr): {stderr}"
+        );
+    }
+}
+
 /// ‖a − b‖ / ‖b‖ over flattened vectors.
 pub fn rel_err(a: &[f64], b: &[f64]) -> f64 {
     let num: f64 = a

@@ -1,5 +1,6 @@
 //! Training end to end: learning on real data, resume, and the command line's behaviour on
 //! bad input.
+use crate::common::assert_no_panic;
 use sgr::config::{OnNan, TrainConfig};
 use sgr::data::{self, Dataset, DatasetKind, Split};
 use sgr::model::{Arch, SplitStrategy};
@@ -173,10 +174,7 @@ fn assert_clean_failure(args: &[&str], needle: &str, out: &Path) {
         err.contains("error") && err.contains(needle),
         "{args:?}: {err}"
     );
-    assert!(
-        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
-        "{args:?}: {err}"
-    );
+    assert_no_panic(&err);
     for f in ["checkpoint.safetensors", "summary.json"] {
         assert!(!out.join(f).exists(), "{args:?} left {f}");
     }
@@ -397,4 +395,49 @@ fn cli_trains_evaluates_and_refuses_to_overwrite_a_run() {
         before,
         std::fs::read(out.join("checkpoint.safetensors")).unwrap()
     );
+}
+
+
+
+
+
+#[test]
+fn a_panic_is_one_located_line_and_the_bad_input_checks_catch_it() {
+    let run = |backtrace: bool| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sgr"));
+        cmd.arg("internal-panic")
+            .env_remove("RUST_BACKTRACE")
+            .env_remove("RUST_LIB_BACKTRACE");
+        if backtrace {
+            cmd.env("RUST_BACKTRACE", "1");
+        }
+        let out = cmd.output().unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = run(false);
+    // One line for the user, with where it happened for the bug report.
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("error: internal error (please report): deliberate panic (sgr internal-panic) (at src/main.rs:"),
+        "{err}"
+    );
+    // The backtrace follows when asked for.
+    let traced = run(true);
+    assert!(traced.starts_with(err.trim_end()), "{traced}");
+    assert!(
+        traced.contains("stack backtrace:") && traced.lines().count() > 2,
+        "{traced}"
+    );
+    // The bad-input checks reject both outputs.
+    for e in [&err, &traced] {
+        assert!(
+            std::panic::catch_unwind(|| assert_no_panic(e)).is_err(),
+            "{e}"
+        );
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let caught =
+        std::panic::catch_unwind(|| assert_clean_failure(&["internal-panic"], "error", tmp.path()));
+    assert!(caught.is_err(), "assert_clean_failure accepted a panic");
 }

@@ -399,7 +399,145 @@ fn cli_trains_evaluates_and_refuses_to_overwrite_a_run() {
 
 
 
+#[test]
+fn resume_with_a_config_file_cannot_change_the_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let o = out.to_str().unwrap();
+    let (code, _, err) = sgr_cmd(&[
+        "train",
+        "--data",
+        "synthetic",
+        "--model",
+        "resnet20",
+        "--rule",
+        "dgl",
+        "--modules",
+        "2",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "64",
+        "--train-subset",
+        "128",
+        "--threads",
+        "1",
+        "--quiet",
+        "--out",
+        o,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let saved = std::fs::read(out.join("config.json")).unwrap();
+    let ckpt = std::fs::read(out.join("checkpoint.safetensors")).unwrap();
+    let file = tmp.path().join("f.toml");
+    for (text, needle) in [
+        (
+            "lr = 0.5\n",
+            "lr (in the --config file) cannot change when resuming",
+        ),
+        (
+            "rule = \"sgr\"\n",
+            "rule (in the --config file) cannot change",
+        ),
+        (
+            "batch_size = 32\n",
+            "batch_size (in the --config file) cannot change",
+        ),
+        // The cosine schedule depends on the total.
+        (
+            "epochs = 2\n",
+            "epochs (in the --config file) cannot change when resuming a run with the cosine schedule",
+        ),
+    ] {
+        std::fs::write(&file, text).unwrap();
+        let args = [
+            "train",
+            "--resume",
+            "--config",
+            file.to_str().unwrap(),
+            "--quiet",
+            "--out",
+            o,
+        ];
+        let (code, _, err) = sgr_cmd(&args);
+        assert_ne!(code, 0, "{text}");
+        assert!(
+            err.starts_with(&format!("error: {needle}")),
+            "{text}: {err}"
+        );
+        assert_no_panic(&err);
+        assert_eq!(
+            std::fs::read(out.join("config.json")).unwrap(),
+            saved,
+            "{text}"
+        );
+        assert_eq!(
+            std::fs::read(out.join("checkpoint.safetensors")).unwrap(),
+            ckpt
+        );
+    }
+    // A flag that changes the run is refused the same way, naming the flag.
+    let (code, _, err) = sgr_cmd(&["train", "--resume", "--lr", "0.5", "--out", o]);
+    assert_ne!(code, 0);
+    assert!(
+        err.starts_with(
+            "error: --lr cannot change when resuming (the run has 0.1, this asks for 0.5)"
+        ),
+        "{err}"
+    );
+    // The file may repeat saved values and change the resumable fields.
+    std::fs::write(
+        &file,
+        "lr = 0.1\nrule = \"dgl\"\nthreads = 1\ndiag_every = 7\n",
+    )
+    .unwrap();
+    let (code, _, err) = sgr_cmd(&[
+        "train",
+        "--resume",
+        "--config",
+        file.to_str().unwrap(),
+        "--quiet",
+        "--out",
+        o,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let now: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    let mut expected: serde_json::Value = serde_json::from_slice(&saved).unwrap();
+    expected["diag_every"] = 7.into();
+    assert_eq!(now, expected);
+}
 
+#[test]
+fn sgr_from_past_the_last_module_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let o = out.to_str().unwrap();
+    let base = [
+        "train",
+        "--data",
+        "synthetic",
+        "--model",
+        "resnet20",
+        "--rule",
+        "sgr",
+        "--out",
+        o,
+    ];
+    let with = |extra: &[&'static str]| -> Vec<&str> {
+        base.iter().copied().chain(extra.iter().copied()).collect()
+    };
+    assert_clean_failure(
+        &with(&["--modules", "2", "--sgr-from", "3"]),
+        "error: --sgr-from: 3 is larger than --modules 2, so no module would be regularised (the run would be dgl under the name sgr); use a value in 2..=2, or --rule dgl",
+        &out,
+    );
+    assert_clean_failure(
+        &with(&["--modules", "1"]),
+        "error: --sgr-from: 2 is larger than --modules 1, so no module would be regularised (the run would be dgl under the name sgr); --rule sgr needs --modules 2 or more",
+        &out,
+    );
+}
 
 #[test]
 fn a_panic_is_one_located_line_and_the_bad_input_checks_catch_it() {

@@ -33,8 +33,13 @@ pub struct TrainState {
     pub train_seconds: f64,
     /// Images trained on so far.
     pub images: u64,
-    /// Peak memory above baseline seen so far, bytes.
-    pub peak_memory_bytes: u64,
+    /// Peak host RSS above baseline seen so far, bytes (`peak_memory_bytes` in checkpoints
+    /// written before it was named for what it is).
+    #[serde(alias = "peak_memory_bytes")]
+    pub peak_host_rss_bytes: u64,
+    /// Peak device memory above baseline seen so far on `--device cuda`, bytes.
+    #[serde(default)]
+    pub peak_device_bytes: Option<u64>,
     /// The resolved run configuration.
     pub config: serde_json::Value,
 }

@@ -184,8 +184,13 @@ fn train(
         .with_context(|| format!("cannot create run folder {}", out.display()))?;
     sgr::checkpoint::write_atomic(&config_json, &serde_json::to_vec_pretty(&cfg)?)?;
     let summary = sgr::train::run(&cfg, out, resume, quiet)?;
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    let device = summary
+        .peak_device_bytes
+        .map(|b| format!(", peak device memory {:.0} MiB", mib(b)))
+        .unwrap_or_default();
     println!(
-        "{} {} K={} on {}: test accuracy {:.2}% (best {:.2}%), {:.0} img/s, peak memory {:.0} MiB -> {}",
+        "{} {} K={} on {}: test accuracy {:.2}% (best {:.2}%), {:.0} img/s, peak host RSS {:.0} MiB{device} -> {}",
         summary.rule,
         summary.model,
         summary.modules,

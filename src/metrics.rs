@@ -14,6 +14,9 @@ pub struct EpochRecord {
     pub epoch: usize,
     /// Learning rate at the epoch's first step.
     pub lr: f64,
+    /// Learning rate at the epoch's last step (absent in records written before it existed).
+    #[serde(default)]
+    pub last_lr: f64,
     /// Mean training loss of the last module.
     pub train_loss: f64,
     /// Training accuracy of the last module (fraction).
@@ -30,7 +33,8 @@ pub struct EpochRecord {
     pub module_test_accuracy: Vec<f64>,
     /// Mean training loss of every module's head.
     pub module_train_loss: Vec<f64>,
-    /// Mean SGR penalty of every module (0 where not applied).
+    /// Mean SGR penalty D of every module over the steps where the penalty was applied to it
+    /// (modules from `--sgr-from` on, every `--sgr-every`-th step); 0 where it never was.
     pub sgr_penalty: Vec<f64>,
     /// Epoch mean of cos(∂L_b/∂h_{b-1}, ∂L_{b-1}/∂h_{b-1}) per boundary.
     pub grad_cosine: Vec<f64>,
@@ -38,8 +42,12 @@ pub struct EpochRecord {
     pub grad_rel_distance: Vec<f64>,
     /// Epoch mean of cos(∂L_{b-1}/∂h_{b-1}, global-BP gradient at h_{b-1}) per boundary.
     pub bp_cosine: Vec<f64>,
-    /// Peak memory above baseline so far, bytes.
-    pub peak_memory_bytes: u64,
+    /// Peak host RSS above baseline so far, bytes (`peak_memory_bytes` in older records).
+    #[serde(alias = "peak_memory_bytes")]
+    pub peak_host_rss_bytes: u64,
+    /// Peak device memory above baseline so far on `--device cuda`, bytes (see `Summary`).
+    #[serde(default)]
+    pub peak_device_bytes: Option<u64>,
 }
 
 /// One diagnostic measurement.

@@ -45,8 +45,12 @@ struct SummaryFile {
     module_test_accuracy: Vec<f64>,
     #[serde(default)]
     images_per_second: f64,
-    #[serde(default)]
+    /// Host RSS peak: `peak_host_rss_bytes`, named `peak_memory_bytes` in older summaries.
+    #[serde(default, alias = "peak_host_rss_bytes")]
     peak_memory_bytes: u64,
+    /// Device memory peak of `--device cuda` runs (absent in older summaries and CPU runs).
+    #[serde(default)]
+    peak_device_bytes: Option<u64>,
 }
 
 /// The fields of a `metrics.jsonl` line the report uses.
@@ -124,7 +128,7 @@ impl Run {
     }
     fn peak_mib(&self) -> Option<f64> {
         self.finished()
-            .map(|s| s.peak_memory_bytes as f64 / (1024.0 * 1024.0))
+            .map(|s| s.peak_device_bytes.unwrap_or(s.peak_memory_bytes) as f64 / (1024.0 * 1024.0))
     }
     fn images_per_second(&self) -> Option<f64> {
         self.finished().map(|s| s.images_per_second)
@@ -623,7 +627,7 @@ pub fn write(root: &Path, out: &Path) -> Result<Written> {
     let _ = writeln!(md, "## Memory and throughput\n");
     let _ = writeln!(
         md,
-        "Peak memory: peak resident memory above the process's post-construction baseline during training (`peak_memory_bytes` of summary.json), \
+        "Peak memory: peak resident memory above the process's post-construction baseline during training (`peak_host_rss_bytes` of summary.json; on `--device cuda`, the device's `peak_device_bytes`), \
          mean over finished seeds; \"vs bp\" divides by bp's mean. Images/s: training throughput (evaluation excluded).\n"
     );
     let _ = writeln!(

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use std::io::IsTerminal;
 use std::path::Path;
 use std::time::Instant;
+use tch::Tensor;
 
 /// What a finished run reports (`summary.json`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -44,8 +45,17 @@ pub struct Summary {
     pub train_seconds: f64,
     /// Training throughput.
     pub images_per_second: f64,
-    /// Peak RSS above the post-construction baseline, bytes (see `memory`).
-    pub peak_memory_bytes: u64,
+    /// Peak host resident memory (RSS) above the post-construction baseline, bytes (see
+    /// `memory`); on `--device cuda` this is the host side only. Written as
+    /// `peak_memory_bytes` before it was named for what it is.
+    #[serde(alias = "peak_memory_bytes")]
+    pub peak_host_rss_bytes: u64,
+    /// On `--device cuda`: the GPU's used memory above the post-construction baseline, read
+    /// with `nvidia-smi` after every epoch (the caching allocator keeps what it reserved, so
+    /// this is the run's peak reservation, training and evaluation included); `None` on the
+    /// CPU or where `nvidia-smi` cannot be read.
+    #[serde(default)]
+    pub peak_device_bytes: Option<u64>,
     /// Analytic activation bytes kept alive by each module at this batch size.
     pub module_activation_bytes: Vec<i64>,
     /// Trainable parameters (backbone and heads).
@@ -148,10 +158,11 @@ fn non_finite(net: &SplitNet, stats: &StepStats, opt: &mut Sgd) -> Option<String
 #[derive(Default)]
 struct EpochTotals {
     module_loss: Vec<f64>,
+    /// Sum of each module's SGR penalty over the steps where it was applied, and their count.
     penalty: Vec<f64>,
+    penalty_steps: Vec<usize>,
     correct: i64,
     samples: i64,
-    steps: usize,
     discord: Vec<Discord>,
 }
 
@@ -160,17 +171,30 @@ impl EpochTotals {
         if self.module_loss.is_empty() {
             self.module_loss = vec![0.0; s.module_losses.len()];
             self.penalty = vec![0.0; s.penalties.len()];
+            self.penalty_steps = vec![0; s.penalties.len()];
         }
         let n = s.samples as f64;
         for (acc, l) in self.module_loss.iter_mut().zip(&s.module_losses) {
             *acc += l * n;
         }
-        for (acc, p) in self.penalty.iter_mut().zip(&s.penalties) {
-            *acc += p;
+        for (k, p) in s.penalties.iter().enumerate() {
+            if s.penalty_applied.get(k).copied().unwrap_or(false) {
+                self.penalty[k] += p;
+                self.penalty_steps[k] += 1;
+            }
         }
         self.correct += s.correct;
         self.samples += s.samples;
-        self.steps += 1;
+    }
+
+    /// Each module's mean penalty over the steps where it was applied (0 where it never was):
+    /// with `--sgr-every N` a mean over every step would shrink it by about N.
+    fn penalty_mean(&self) -> Vec<f64> {
+        self.penalty
+            .iter()
+            .zip(&self.penalty_steps)
+            .map(|(p, &n)| if n > 0 { p / n as f64 } else { 0.0 })
+            .collect()
     }
 
     fn discord_mean(&self, pick: impl Fn(&Discord) -> &Vec<f64>) -> Vec<f64> {
@@ -204,13 +228,19 @@ pub fn run_with_data(
     let mut trainer = Trainer::new(cfg, ds, out, quiet)?;
     let mut state = trainer.start_or_resume(resume)?;
     trainer.print_header(&state);
+    let device = trainer.net.device();
+    let device_baseline = device_used_bytes(device);
     let meter = Meter::start();
     let mut last_eval = None;
     for epoch in state.epoch..cfg.epochs {
-        let (totals, seconds, lr) = trainer.train_epoch(epoch, &mut state)?;
-        state.peak_memory_bytes = state.peak_memory_bytes.max(meter.peak_above_baseline());
+        let (totals, seconds, lrs) = trainer.train_epoch(epoch, &mut state)?;
+        state.peak_host_rss_bytes = state.peak_host_rss_bytes.max(meter.peak_above_baseline());
         let eval = evaluate(&trainer.net, ds, &ds.test, cfg.batch_size.max(256));
-        let record = trainer.epoch_record(epoch, lr, &totals, seconds, &eval, &state);
+        if let (Some(base), Some(now)) = (device_baseline, device_used_bytes(device)) {
+            let peak = now.saturating_sub(base);
+            state.peak_device_bytes = Some(state.peak_device_bytes.map_or(peak, |p| p.max(peak)));
+        }
+        let record = trainer.epoch_record(epoch, lrs, &totals, seconds, &eval, &state);
         metrics::append(&trainer.metrics_path, &record)?;
         state.epoch = epoch + 1;
         state.train_seconds += seconds;
@@ -224,6 +254,38 @@ pub fn run_with_data(
         None => evaluate(&trainer.net, ds, &ds.test, cfg.batch_size.max(256)),
     };
     trainer.write_summary(&state, eval)
+}
+
+/// The device's used memory on CUDA (after the queued work finished), `None` on the CPU or
+/// where `nvidia-smi` cannot be read (see [`crate::memory::gpu_used_bytes`]).
+fn device_used_bytes(device: tch::Device) -> Option<u64> {
+    match device {
+        tch::Device::Cuda(index) => {
+            tch::Cuda::synchronize(index as i64);
+            crate::memory::gpu_used_bytes()
+        }
+        _ => None,
+    }
+}
+
+/// Every buffer of `net` (BatchNorm running statistics), each with a same-shaped tensor that
+/// [`Trainer::train_epoch`] copies it into before a step, so that a skipped batch's update of
+/// the running statistics can be undone.
+fn buffer_snapshots(net: &SplitNet) -> Vec<(Tensor, Tensor)> {
+    let mut buffers: Vec<(String, Tensor)> = net
+        .vs
+        .variables()
+        .into_iter()
+        .filter(|(_, t)| !t.requires_grad())
+        .collect();
+    buffers.sort_by(|a, b| a.0.cmp(&b.0));
+    buffers
+        .into_iter()
+        .map(|(_, t)| {
+            let saved = t.detach().copy();
+            (t, saved)
+        })
+        .collect()
 }
 
 /// One run's network, optimizer, rule and files: the phases of [`run_with_data`].
@@ -267,7 +329,8 @@ impl<'a> Trainer<'a> {
             best_test_accuracy: 0.0,
             train_seconds: 0.0,
             images: 0,
-            peak_memory_bytes: 0,
+            peak_host_rss_bytes: 0,
+            peak_device_bytes: None,
             config: serde_json::to_value(self.cfg).expect("config serialises"),
         };
         let ckpt_path = &self.ckpt_path;
@@ -339,12 +402,13 @@ impl<'a> Trainer<'a> {
     }
 
     /// One epoch of training steps (diagnostics, rule step, non-finite check, optimizer step);
-    /// returns the epoch's totals, its training seconds and its first step's learning rate.
+    /// returns the epoch's totals, its training seconds and its first and last steps'
+    /// learning rates.
     fn train_epoch(
         &mut self,
         epoch: usize,
         state: &mut TrainState,
-    ) -> Result<(EpochTotals, f64, f64)> {
+    ) -> Result<(EpochTotals, f64, [f64; 2])> {
         let cfg = self.cfg;
         let batches = Batches::new(
             &self.ds.train,
@@ -377,11 +441,17 @@ impl<'a> Trainer<'a> {
         bar.set_prefix(format!("{}/{}", epoch + 1, cfg.epochs));
         let log_progress = !self.quiet && !std::io::stderr().is_terminal();
         let schedule = cfg.schedule();
+        // The schedule runs on the steps that are taken: with --max-steps-per-epoch it must
+        // anneal over the truncated epochs, not over full ones that never run.
+        let lr_at = |i: usize| schedule.lr(epoch, i, steps, cfg.epochs);
+        // A skipped batch must leave no trace, and its forward already moved the BatchNorm
+        // running statistics (an inf variance would poison every later evaluation).
+        let mut buffers = (cfg.on_nan == OnNan::SkipBatch).then(|| buffer_snapshots(&self.net));
         let mut totals = EpochTotals::default();
         let mut consecutive_bad = 0;
         let start = Instant::now();
         for (i, batch) in batches.take(steps).enumerate() {
-            let lr = schedule.lr(epoch, i, full, cfg.epochs);
+            let lr = lr_at(i);
             if cfg.diag_every > 0
                 && state.global_step.is_multiple_of(cfg.diag_every)
                 && self.net.num_modules() > 1
@@ -400,6 +470,13 @@ impl<'a> Trainer<'a> {
                 totals.discord.push(d);
             }
             self.opt.zero_grad();
+            if let Some(buffers) = &mut buffers {
+                tch::no_grad(|| {
+                    for (live, saved) in buffers.iter_mut() {
+                        saved.copy_(live);
+                    }
+                });
+            }
             let stats = self.rule.step(&self.net, &batch, state.global_step)?;
             if let Some(what) = non_finite(&self.net, &stats, &mut self.opt) {
                 let msg = format!(
@@ -419,6 +496,13 @@ impl<'a> Trainer<'a> {
                 }
                 bar.println(format!("warning: skipping batch: {msg}"));
                 self.opt.zero_grad();
+                if let Some(buffers) = &mut buffers {
+                    tch::no_grad(|| {
+                        for (live, saved) in buffers.iter_mut() {
+                            live.copy_(saved);
+                        }
+                    });
+                }
                 continue;
             }
             consecutive_bad = 0;
@@ -447,14 +531,14 @@ impl<'a> Trainer<'a> {
         }
         let seconds = start.elapsed().as_secs_f64();
         bar.finish_and_clear();
-        Ok((totals, seconds, schedule.lr(epoch, 0, full, cfg.epochs)))
+        Ok((totals, seconds, [lr_at(0), lr_at(steps.max(1) - 1)]))
     }
 
     /// The epoch's `metrics.jsonl` record (printed as one line unless quiet).
     fn epoch_record(
         &self,
         epoch: usize,
-        lr: f64,
+        [lr, last_lr]: [f64; 2],
         totals: &EpochTotals,
         seconds: f64,
         eval: &Evaluation,
@@ -465,6 +549,7 @@ impl<'a> Trainer<'a> {
         let record = EpochRecord {
             epoch: epoch + 1,
             lr,
+            last_lr,
             train_loss: totals.module_loss.last().copied().unwrap_or(f64::NAN) / samples,
             train_accuracy: totals.correct as f64 / samples,
             test_loss: eval.loss,
@@ -473,15 +558,12 @@ impl<'a> Trainer<'a> {
             images_per_second: totals.samples as f64 / seconds.max(1e-9),
             module_test_accuracy: eval.module_accuracy.clone(),
             module_train_loss: totals.module_loss.iter().map(|l| l / samples).collect(),
-            sgr_penalty: totals
-                .penalty
-                .iter()
-                .map(|p| p / totals.steps.max(1) as f64)
-                .collect(),
+            sgr_penalty: totals.penalty_mean(),
             grad_cosine: totals.discord_mean(|d| &d.grad_cosine),
             grad_rel_distance: totals.discord_mean(|d| &d.grad_rel_distance),
             bp_cosine: totals.discord_mean(|d| &d.bp_cosine),
-            peak_memory_bytes: state.peak_memory_bytes,
+            peak_host_rss_bytes: state.peak_host_rss_bytes,
+            peak_device_bytes: state.peak_device_bytes,
         };
         if !self.quiet {
             eprintln!(
@@ -520,7 +602,8 @@ impl<'a> Trainer<'a> {
             module_test_accuracy: eval.module_accuracy,
             train_seconds: state.train_seconds,
             images_per_second: state.images as f64 / state.train_seconds.max(1e-9),
-            peak_memory_bytes: state.peak_memory_bytes,
+            peak_host_rss_bytes: state.peak_host_rss_bytes,
+            peak_device_bytes: state.peak_device_bytes,
             module_activation_bytes: (0..net.num_modules())
                 .map(|k| net.module_activation_bytes(k, cfg.batch_size))
                 .collect(),
@@ -532,5 +615,37 @@ impl<'a> Trainer<'a> {
             &serde_json::to_vec_pretty(&summary).expect("summary serialises"),
         )?;
         Ok(summary)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step(penalty: f64, applied: bool) -> StepStats {
+        StepStats {
+            module_losses: vec![1.0, 1.0],
+            penalties: vec![0.0, penalty],
+            penalty_applied: vec![false, applied],
+            correct: 0,
+            samples: 8,
+        }
+    }
+
+    #[test]
+    fn sgr_penalty_is_the_mean_over_the_steps_where_it_was_applied() {
+        // --sgr-every 2 on K=2: module 2's penalty is applied on every other step; an applied
+        // penalty of exactly 0 still counts as a step.
+        let mut totals = EpochTotals::default();
+        for s in [
+            step(0.5, true),
+            step(0.0, false),
+            step(2.5, true),
+            step(0.0, false),
+            step(0.0, true),
+        ] {
+            totals.add(&s);
+        }
+        assert_eq!(totals.penalty_mean(), vec![0.0, 1.0]);
     }
 }

@@ -353,11 +353,15 @@ fn cli_trains_evaluates_and_refuses_to_overwrite_a_run() {
         "best_test_accuracy",
         "train_seconds",
         "images_per_second",
-        "peak_memory_bytes",
+        "peak_host_rss_bytes",
+        "peak_device_bytes",
         "config",
     ] {
         assert!(summary.get(key).is_some(), "summary lacks {key}");
     }
+    // Host RSS is measured on every device; device memory only on a GPU.
+    assert!(summary["peak_host_rss_bytes"].as_u64().unwrap() > 0);
+    assert!(summary["peak_device_bytes"].is_null());
     let acc = summary["test_accuracy"].as_f64().unwrap();
     let (code, stdout, err) = sgr_cmd(&[
         "eval",
@@ -397,7 +401,93 @@ fn cli_trains_evaluates_and_refuses_to_overwrite_a_run() {
     );
 }
 
+#[test]
+fn the_schedule_anneals_over_the_steps_that_run() {
+    // 12 batches per epoch, of which --max-steps-per-epoch runs 3: the cosine schedule must
+    // reach its end over those 3 x 2 steps, not over 12 x 2 that never run.
+    let ds = data::synthetic::generate(4, 192, 32, 1, 8, 3);
+    let cfg = TrainConfig {
+        data: DatasetKind::Synthetic,
+        model: Arch::Resnet20,
+        rule: RuleKind::Dgl,
+        modules: 2,
+        split: SplitStrategy::Even,
+        epochs: 2,
+        batch_size: 16,
+        max_steps_per_epoch: 3,
+        diag_every: 0,
+        threads: 1,
+        ..Default::default()
+    };
+    let out = tempfile::tempdir().unwrap();
+    sgr::train::run_with_data(&cfg, &ds, out.path(), false, true).unwrap();
+    let lines: Vec<sgr::metrics::EpochRecord> =
+        sgr::metrics::read_lines(&out.path().join("metrics.jsonl")).unwrap();
+    let schedule = cfg.schedule();
+    for (epoch, line) in lines.iter().enumerate() {
+        assert_eq!(line.lr, schedule.lr(epoch, 0, 3, 2));
+        assert_eq!(line.last_lr, schedule.lr(epoch, 2, 3, 2));
+    }
+    // The last step is 5/6 of the way: 0.5 (1 + cos 150°) = 0.067 of the base rate.
+    let last = lines[1].last_lr / cfg.lr;
+    assert!((last - 0.0670).abs() < 1e-3, "{last}");
+}
 
+#[test]
+fn a_skipped_batch_leaves_batchnorm_statistics_as_they_were() {
+    // Every training pixel normalises to 255 x 1e38 = inf in f32, so the first convolution
+    // gives inf and NaN and so does BatchNorm's batch statistics: every batch is bad. The test
+    // pixels normalise to 0, so a network that never saw the training batches evaluates to a
+    // finite loss.
+    let mut ds = data::synthetic::generate(5, 48, 32, 1, 8, 3);
+    ds.meta.mean = vec![0.0];
+    ds.meta.std = vec![1.0 / (255.0 * 1e38)];
+    ds.train.images = ds.train.images.full_like(255);
+    ds.test.images = ds.test.images.zeros_like();
+    let cfg = TrainConfig {
+        data: DatasetKind::Synthetic,
+        model: Arch::Resnet20,
+        rule: RuleKind::Dgl,
+        modules: 2,
+        split: SplitStrategy::Even,
+        epochs: 1,
+        batch_size: 16,
+        diag_every: 0,
+        threads: 1,
+        on_nan: OnNan::SkipBatch,
+        ..Default::default()
+    };
+    let out = tempfile::tempdir().unwrap();
+    // 3 bad batches in a row: skipped (the run stops only after 10).
+    sgr::train::run_with_data(&cfg, &ds, out.path(), false, true).unwrap();
+    let fresh = sgr::train::build_net(&cfg, &ds).unwrap();
+    let never = sgr::train::evaluate(&fresh, &ds, &ds.test, 256);
+    // Read loosely: with no batch trained, the train loss is NaN, written as null.
+    let lines: Vec<serde_json::Value> =
+        sgr::metrics::read_lines(&out.path().join("metrics.jsonl")).unwrap();
+    // Every variable, running statistics included, is where it started.
+    let (trained, _, _) =
+        sgr::checkpoint::load(&out.path().join("checkpoint.safetensors")).unwrap();
+    for (name, t) in fresh.vs.variables() {
+        let d = (&t - &trained[&name]).abs().max().double_value(&[]);
+        assert!(
+            d == 0.0,
+            "{name} moved by {d} although every batch was skipped"
+        );
+    }
+    assert!(never.loss.is_finite());
+    // (serde_json's default float parser may be off by one ulp.)
+    let loss = lines[0]["test_loss"].as_f64().unwrap();
+    assert!(
+        (loss - never.loss).abs() < 1e-12,
+        "{loss} vs {}",
+        never.loss
+    );
+    assert_eq!(
+        lines[0]["module_test_accuracy"],
+        serde_json::json!(never.module_accuracy)
+    );
+}
 
 #[test]
 fn resume_with_a_config_file_cannot_change_the_run() {

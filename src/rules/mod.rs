@@ -53,6 +53,9 @@ pub struct StepStats {
     pub module_losses: Vec<f64>,
     /// SGR penalty D(·,·) of every module (0 where it was not applied).
     pub penalties: Vec<f64>,
+    /// Whether the penalty was applied to each module in this step (a penalty can be 0 when
+    /// applied, so [`StepStats::penalties`] alone cannot tell; epoch means count these steps).
+    pub penalty_applied: Vec<bool>,
     /// Correct predictions of the last module's classifier.
     pub correct: i64,
     /// Samples in the batch.
@@ -173,6 +176,7 @@ impl StepRecorder {
         StepStats {
             module_losses,
             penalties,
+            penalty_applied: have_penalty,
             correct: rest.next().map_or(0, |c| c as i64),
             samples: self.samples,
         }

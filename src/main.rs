@@ -52,6 +52,13 @@ enum Command {
         /// Compute device (default: the one the run was trained on).
         #[arg(long)]
         device: Option<DeviceKind>,
+        /// Evaluate on the first N test images only, 0 = all (default: the run's
+        /// --test-subset, so that the result matches its summary.json).
+        #[arg(long)]
+        test_subset: Option<usize>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Inspect data sets.
     Data {
@@ -198,19 +205,43 @@ fn train(
         100.0 * summary.test_accuracy,
         100.0 * summary.best_test_accuracy,
         summary.images_per_second,
-        summary.peak_memory_bytes as f64 / (1024.0 * 1024.0),
+        mib(summary.peak_host_rss_bytes),
         out.join("summary.json").display()
     );
     Ok(())
 }
 
-fn eval(
-    path: &Path,
+/// What `sgr eval --json` prints.
+#[derive(serde::Serialize)]
+struct EvalOutput {
+    checkpoint: PathBuf,
+    epoch: usize,
+    data: String,
+    test_images: usize,
+    test_accuracy: f64,
+    test_loss: f64,
+    module_test_accuracy: Vec<f64>,
+}
+
+/// `sgr eval`'s options besides the checkpoint: overrides of the run's configuration.
+struct EvalArgs {
     data: Option<DatasetKind>,
     data_dir: Option<PathBuf>,
     batch_size: i64,
     device: Option<DeviceKind>,
-) -> Result<()> {
+    test_subset: Option<usize>,
+    json: bool,
+}
+
+fn eval(path: &Path, args: EvalArgs) -> Result<()> {
+    let EvalArgs {
+        data,
+        data_dir,
+        batch_size,
+        device,
+        test_subset,
+        json,
+    } = args;
     let (vars, _, state) = sgr::checkpoint::load(path)?;
     let state = state.with_context(|| {
         format!(
@@ -229,12 +260,27 @@ fn eval(
     if let Some(d) = device {
         cfg.device = d;
     }
-    cfg.test_subset = 0;
+    if let Some(n) = test_subset {
+        cfg.test_subset = n;
+    }
     let ds = sgr::train::load_data(&cfg)?;
     let net = sgr::train::build_net(&cfg, &ds)?;
     sgr::checkpoint::load_into(&net, path, &vars, false)?;
     let e = sgr::train::evaluate(&net, &ds, &ds.test, batch_size);
     let acc = e.module_accuracy.last().copied().unwrap_or(0.0);
+    if json {
+        let out = EvalOutput {
+            checkpoint: path.to_path_buf(),
+            epoch: state.epoch,
+            data: cfg.data.to_string(),
+            test_images: ds.test.len(),
+            test_accuracy: acc,
+            test_loss: e.loss,
+            module_test_accuracy: e.module_accuracy,
+        };
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
     println!(
         "test accuracy {:.2}% ({} test images, epoch {})",
         100.0 * acc,
@@ -330,7 +376,19 @@ fn run(cli: Cli) -> Result<()> {
             data_dir,
             batch_size,
             device,
-        } => eval(&checkpoint, data, data_dir, batch_size, device),
+            test_subset,
+            json,
+        } => eval(
+            &checkpoint,
+            EvalArgs {
+                data,
+                data_dir,
+                batch_size,
+                device,
+                test_subset,
+                json,
+            },
+        ),
         Command::Data {
             command:
                 DataCommand::Info {

@@ -331,6 +331,8 @@ fn cli_trains_evaluates_and_refuses_to_overwrite_a_run() {
         "1",
         "--batch-size",
         "64",
+        "--test-subset",
+        "40",
         "--threads",
         "1",
         "--quiet",
@@ -369,10 +371,27 @@ fn cli_trains_evaluates_and_refuses_to_overwrite_a_run() {
         out.join("checkpoint.safetensors").to_str().unwrap(),
     ]);
     assert_eq!(code, 0, "{err}");
+    // The run's --test-subset is what eval evaluates by default, so it matches summary.json.
     assert!(
-        stdout.contains(&format!("{:.2}%", 100.0 * acc)),
+        stdout.contains(&format!("{:.2}% (40 test images", 100.0 * acc)),
         "{stdout} vs {acc}"
     );
+    let ckpt = out.join("checkpoint.safetensors");
+    let eval_json = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec!["eval", "--checkpoint", ckpt.to_str().unwrap(), "--json"];
+        args.extend(extra);
+        let (code, stdout, err) = sgr_cmd(&args);
+        assert_eq!(code, 0, "{err}");
+        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+    };
+    let e = eval_json(&[]);
+    assert_eq!(e["test_images"], 40);
+    assert_eq!(e["epoch"], 1);
+    assert_eq!(e["test_accuracy"], summary["test_accuracy"]);
+    assert_eq!(e["module_test_accuracy"], summary["module_test_accuracy"]);
+    assert!(e["test_loss"].as_f64().unwrap().is_finite());
+    // --test-subset 0 evaluates the whole test split.
+    assert_eq!(eval_json(&["--test-subset", "0"])["test_images"], 500);
     // On a machine without CUDA, asking for it is one clear error, not a panic.
     if !tch::Cuda::is_available() {
         let ckpt = out.join("checkpoint.safetensors");

@@ -321,8 +321,8 @@ fn tangent_penalty(
 /// Adds λ·∇_θ D to module `k`'s parameter gradients by a central finite difference along the
 /// input, `[∇_θ L(h + εv) − ∇_θ L(h − εv)] / 2ε` with v from [`penalty_direction`]. Uses only
 /// first-order backward passes, and at most one extra input-sized tensor beyond what `dgl`
-/// holds (v): the perturbed inputs are made in place in `h_in`'s storage, which nothing needs
-/// after this module.
+/// holds (v): the perturbed inputs are made in place in v's storage, which is spent once ε is
+/// known. `h_in` is left untouched: it is the previous module's output, which others may read.
 fn finite_difference_penalty(
     net: &SplitNet,
     k: usize,
@@ -346,11 +346,12 @@ fn finite_difference_penalty(
             Tensor::run_backward(&[&cross_entropy(&logits, labels)], &params, false, false)
         })
     };
-    let mut x = h;
-    let _ = tch::no_grad(|| x.g_add_(&v));
+    // x = h + εv, then h − εv = 2h − (h + εv), both in v's storage; the rounding this adds is
+    // ~1 ulp of h, far below the step ε·v.
+    let mut x = v;
+    let _ = tch::no_grad(|| x.g_add_(&h));
     let plus = grads_at(&x);
-    // x − 2εv; the rounding this adds is ~1 ulp of h, far below the step ε·v.
-    let _ = tch::no_grad(|| x.g_sub_(&v).g_sub_(&v));
+    let _ = tch::no_grad(|| x.neg_().g_add_(&h).g_add_(&h));
     let minus = grads_at(&x);
     let scale = eps.reciprocal() * (cfg.lambda / 2.0);
     tch::no_grad(|| {
@@ -358,4 +359,48 @@ fn finite_difference_penalty(
             let _ = p.grad().g_add_(&((gp - gm) * &scale));
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{TrainConfig, TrainOptions, parse_options};
+    use crate::model::FeatureShape;
+    use tch::{Device, Kind};
+
+    #[test]
+    fn finite_difference_passes_leave_the_boundary_activation_unchanged() {
+        let text = "model = \"resnet20\"\nmodules = 2\nsplit = \"even\"\nrule = \"sgr\"\n";
+        let cfg = TrainConfig::resolve(
+            &TrainOptions::default(),
+            Some(&parse_options(text).unwrap()),
+            None,
+        )
+        .unwrap();
+        let input = FeatureShape { c: 1, h: 8, w: 8 };
+        let (net, x, labels) = crate::model::with_seed(3, || {
+            (
+                SplitNet::new(&cfg.model_spec(input, 3), Device::Cpu).unwrap(),
+                Tensor::randn([4, 1, 8, 8], (Kind::Float, Device::Cpu)),
+                Tensor::randint(3, [4], (Kind::Int64, Device::Cpu)),
+            )
+        });
+        // Module 2's input, the previous module's output h, and its plain backward, as the
+        // rule runs them before the penalty passes.
+        let h = tch::no_grad(|| net.forward_module(0, &x, true));
+        let loss = cross_entropy(
+            &net.head_logits(1, &net.forward_module(1, &h, true), true),
+            &labels,
+        );
+        loss.backward();
+        let before = h.copy();
+        let v = h.randn_like();
+        let sgr = SgrConfig {
+            grad: SgrGrad::Fd,
+            ..Default::default()
+        };
+        finite_difference_penalty(&net, 1, &h, v, &labels, &sgr);
+        let moved = (&h - &before).abs().max().double_value(&[]);
+        assert_eq!(moved, 0.0, "the ± passes left h moved by up to {moved}");
+    }
 }

@@ -128,30 +128,43 @@ fn sgr_gradients_stay_inside_each_module_and_use_the_plain_forwarded_gradient() 
         net.with_frozen_buffers(|| {
             penalised_loss(&net, &batch, k, &h, target.as_ref(), &cfg).backward()
         });
-        // Module k's loss reaches module k only: exactly zero gradient everywhere else.
-        for j in 0..3 {
-            let g = module_grads(&net, j);
-            if j == k {
-                assert!(
-                    rel_err(&g, expected) < 1e-10,
-                    "module {k}: {}",
-                    rel_err(&g, expected)
-                );
-            } else {
-                assert!(
-                    g.iter().all(|&x| x == 0.0),
-                    "loss of module {k} leaked into module {j}"
-                );
+        let g = module_grads(&net, k);
+        let err = rel_err(&g, expected);
+        assert!(err < 1e-10, "module {k}: {err}");
+    }
+    // Gradient isolation of the rule itself: with module k's head made NaN, its loss, penalty
+    // and gradients are NaN, and any path from them back into an earlier module would carry
+    // NaN there. The earlier modules' gradients must be exactly what they were.
+    for k in 1..3 {
+        let poisoned = tiny_net(3, 1, 8, true, 5);
+        let head: Vec<tch::Tensor> = poisoned
+            .module_variables(k, true)
+            .into_iter()
+            .filter(|(name, _)| name.starts_with("aux.") || name.starts_with("fc."))
+            .map(|(_, t)| t)
+            .collect();
+        assert!(!head.is_empty());
+        tch::no_grad(|| {
+            for mut t in head {
+                let _ = t.fill_(f64::NAN);
             }
+        });
+        step(&poisoned, RuleKind::Sgr, &cfg, &batch);
+        assert!(
+            module_grads(&poisoned, k).iter().all(|g| g.is_nan()),
+            "module {k}'s own gradients are not NaN: the poison did not reach them"
+        );
+        for (j, expected) in from_rule.iter().enumerate().take(k) {
+            assert_eq!(
+                &module_grads(&poisoned, j),
+                expected,
+                "the loss of module {k} leaked into module {j}"
+            );
         }
     }
     // Negative control: had module 1 forwarded the gradient of its *penalised* loss, module 2
     // would get a different gradient.
     let (h1, t1) = net.with_frozen_buffers(|| module_input_and_target(&net, &batch, 1));
-    let h1_out = net
-        .with_frozen_buffers(|| net.forward_module(1, &h1, true))
-        .detach()
-        .set_requires_grad(true);
     let h1_in = h1.detach().set_requires_grad(true);
     let wrong_target = net.with_frozen_buffers(|| {
         let out = net.forward_module(1, &h1_in, true);
@@ -160,7 +173,6 @@ fn sgr_gradients_stay_inside_each_module_and_use_the_plain_forwarded_gradient() 
         let total = loss + distance(cfg.distance, &g_in, t1.as_ref().unwrap()) * cfg.lambda;
         Tensor::run_backward(&[&total], &[&out], false, false).remove(0)
     });
-    let _ = h1_out;
     let (h2, _) = net.with_frozen_buffers(|| module_input_and_target(&net, &batch, 2));
     zero_grads(&net);
     net.with_frozen_buffers(|| {
@@ -378,21 +390,88 @@ fn unit_and_head_tangents_match_central_differences_in_f64() {
 #[test]
 fn sgr_every_n_steps_is_dgl_in_between() {
     let batch = tiny_batch(6, 1, 10, false, 12);
-    let a = tiny_net(4, 1, 10, false, 13);
-    let b = tiny_net(4, 1, 10, false, 13);
     let cfg = SgrConfig {
         every: 3,
         ..Default::default()
     };
-    zero_grads(&a);
-    zero_grads(&b);
-    rules::build(RuleKind::Sgr, &cfg)
-        .step(&a, &batch, 1)
-        .unwrap();
-    rules::build(RuleKind::Dgl, &cfg)
-        .step(&b, &batch, 1)
-        .unwrap();
-    assert_eq!(max_abs_diff(&grads(&a), &grads(&b)), 0.0);
+    // Steps 0 and 3 are penalised, 1, 2 and 4 are plain dgl steps (fresh nets each time, so
+    // only the step number differs).
+    for global_step in 0..5 {
+        let active = global_step % 3 == 0;
+        let a = tiny_net(4, 1, 10, false, 13);
+        let b = tiny_net(4, 1, 10, false, 13);
+        zero_grads(&a);
+        zero_grads(&b);
+        let stats = rules::build(RuleKind::Sgr, &cfg)
+            .step(&a, &batch, global_step)
+            .unwrap();
+        rules::build(RuleKind::Dgl, &cfg)
+            .step(&b, &batch, global_step)
+            .unwrap();
+        let diff = max_abs_diff(&grads(&a), &grads(&b));
+        if active {
+            assert!(diff > 1e-6, "step {global_step}: penalised step equals dgl");
+        } else {
+            assert_eq!(diff, 0.0, "step {global_step}: plain step differs from dgl");
+        }
+        // Module 1 is never penalised; modules 2..4 on the active steps only.
+        let applied: Vec<bool> = (0..4).map(|k| active && k > 0).collect();
+        assert_eq!(stats.penalty_applied, applied, "step {global_step}");
+        assert!(
+            stats
+                .penalties
+                .iter()
+                .zip(&applied)
+                .all(|(p, &on)| on == (*p > 0.0))
+        );
+    }
+}
+
+#[test]
+fn sgr_from_3_leaves_module_2_exactly_dgl() {
+    // K=3, first penalised module 3: modules 1 and 2 must get dgl's gradients and running
+    // statistics bit for bit, although module 2 now also sends its output gradient forward.
+    let batch = tiny_batch(5, 2, 8, true, 44);
+    let cfg = SgrConfig {
+        lambda: 2.0,
+        from: 3,
+        ..Default::default()
+    };
+    for grad in [SgrGrad::Exact, SgrGrad::Jvp, SgrGrad::Fd] {
+        let cfg = SgrConfig {
+            grad,
+            ..cfg.clone()
+        };
+        let sgr_net = tiny_net(3, 2, 8, true, 45);
+        let dgl_net = tiny_net(3, 2, 8, true, 45);
+        step(&sgr_net, RuleKind::Sgr, &cfg, &batch);
+        step(&dgl_net, RuleKind::Dgl, &cfg, &batch);
+        for k in 0..2 {
+            assert_eq!(
+                module_grads(&sgr_net, k),
+                module_grads(&dgl_net, k),
+                "{grad:?}: module {} differs from dgl",
+                k + 1
+            );
+            let values = |net: &SplitNet| -> Vec<Vec<f64>> {
+                net.module_variables(k, false)
+                    .iter()
+                    .map(|(_, t)| {
+                        Vec::<f64>::try_from(t.to_kind(tch::Kind::Double).flatten(0, -1)).unwrap()
+                    })
+                    .collect()
+            };
+            assert_eq!(
+                values(&sgr_net),
+                values(&dgl_net),
+                "{grad:?}: module {} buffers",
+                k + 1
+            );
+        }
+        // Module 3 is penalised, so the comparison above could fail.
+        let err = rel_err(&module_grads(&sgr_net, 2), &module_grads(&dgl_net, 2));
+        assert!(err > 1e-4, "{grad:?}: module 3 got no penalty ({err:e})");
+    }
 }
 
 #[test]

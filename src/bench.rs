@@ -2,15 +2,19 @@
 //!
 //! Peak RSS is a per-process high-water mark, so every (rule, K) cell runs as a child
 //! `sgr bench worker` process on synthetic data of a fixed shape; the parent collects one JSON
-//! line from each and prints a table (or the rows as JSON with `--json`). Workers build the
-//! same `SplitNet`, `Sgd` and `Rule` as `sgr train`, so the step measured is the real one.
-use crate::config::DeviceKind;
+//! line from each and prints a table (or the rows as JSON with `--json`). A cell is a
+//! [`TrainConfig`], resolved from the same [`TrainOptions`] flags as `sgr train` (so every
+//! training option can be benchmarked), plus the [`BenchArgs`] that only a benchmark has.
+//! Workers build the same `SplitNet`, `Sgd` and `Rule` as `sgr train`, so the step measured
+//! is the real one.
+use crate::config::{TrainConfig, TrainOptions};
 use crate::data::Batch;
 use crate::memory::{Meter, gpu_used_bytes};
-use crate::model::{Arch, FeatureShape, HeadKind, ModelSpec, SplitNet, SplitStrategy};
-use crate::optim::{Sgd, SgdConfig};
-use crate::rules::{self, RuleKind, SgrConfig, SgrGrad};
+use crate::model::{FeatureShape, SplitNet, SplitStrategy};
+use crate::optim::Sgd;
+use crate::rules::{self, RuleKind};
 use crate::{Error, Result};
+use clap::{ArgAction, ArgMatches, FromArgMatches};
 use serde::{Deserialize, Serialize};
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
@@ -18,15 +22,9 @@ use tch::{Device, Kind, Tensor};
 /// glibc mmap threshold (bytes) used for live-memory measurements.
 pub const MMAP_THRESHOLD: usize = 1 << 20;
 
-/// One benchmark cell, as a worker measures it.
+/// What only a benchmark cell has: the synthetic input and the steps to time.
 #[derive(Debug, Clone, Serialize, Deserialize, clap::Args)]
-pub struct CellArgs {
-    /// Network.
-    #[arg(long, default_value = "resnet32")]
-    pub model: Arch,
-    /// Batch size.
-    #[arg(long, default_value_t = 128)]
-    pub batch_size: i64,
+pub struct BenchArgs {
     /// Input channels of the synthetic data.
     #[arg(long, default_value_t = 3)]
     pub channels: i64,
@@ -36,35 +34,12 @@ pub struct CellArgs {
     /// Classes of the synthetic data.
     #[arg(long, default_value_t = 10)]
     pub classes: i64,
-    /// Auxiliary head type.
-    #[arg(long, default_value = "conv")]
-    pub aux_head: HeadKind,
-    /// Split strategy.
-    #[arg(long, default_value = "table")]
-    pub split: SplitStrategy,
     /// Timed steps per cell (the median is reported).
     #[arg(long, default_value_t = 5)]
     pub steps: usize,
     /// Untimed warm-up steps per cell.
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
-    /// libtorch CPU threads (0 = default).
-    #[arg(long, default_value_t = 0)]
-    pub threads: usize,
-    /// SGR λ.
-    #[arg(long, default_value_t = 0.1)]
-    pub lambda: f64,
-    /// SGR: apply the penalty every N steps.
-    #[arg(long, default_value_t = 1)]
-    pub sgr_every: usize,
-    /// SGR penalty gradient: exact (double backward), jvp (exact, tangents) or fd.
-    #[arg(long, default_value = "exact")]
-    pub sgr_grad: SgrGrad,
-    /// Compute device. On `cuda`, memory is the GPU's used memory (`nvidia-smi`) at the end
-    /// minus after construction, i.e. the caching allocator's peak reservation.
-    #[arg(long, default_value = "cpu")]
-    #[serde(default)]
-    pub device: DeviceKind,
     /// Run workers with glibc's mmap threshold fixed at 1 MiB, so that every tensor of 1 MiB or
     /// more is returned to the OS when freed and the high-water mark tracks live tensors rather
     /// than allocator slack (set by `sgr bench memory`; it slows steps, so `bench step` leaves
@@ -72,6 +47,142 @@ pub struct CellArgs {
     #[arg(skip)]
     #[serde(default)]
     pub live_memory: bool,
+}
+
+/// One benchmark cell, as a worker measures it: a resolved training configuration (rule and
+/// K included) and the bench settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Cell {
+    /// The configuration `sgr train` would run with these flags.
+    pub config: TrainConfig,
+    /// Input shape, steps, warm-up and allocator mode.
+    pub bench: BenchArgs,
+}
+
+/// Training options that a benchmark cell does not use (it times `--steps` steps on
+/// synthetic input with a constant `--lr`); giving one is an error rather than silently
+/// ignored.
+const NOT_BENCHMARKED: &[&str] = &[
+    "data",
+    "data_dir",
+    "epochs",
+    "train_subset",
+    "test_subset",
+    "augment",
+    "max_steps_per_epoch",
+    "schedule",
+    "warmup_epochs",
+    "milestones",
+    "gamma",
+    "diag_every",
+    "on_nan",
+];
+
+/// Training options the PyTorch reference of `sgr bench compare` does not take: they must be
+/// at their defaults (which are the reference's), or the two sides would run different steps.
+const NOT_MIRRORED_BY_REFERENCE: &[&str] = &[
+    "lr",
+    "momentum",
+    "nesterov",
+    "weight_decay",
+    "decay_bn_and_bias",
+    "seed",
+    "sgr_grad",
+    "fd_eps",
+];
+
+/// The arguments of `sgr bench memory|step|compare`: every `sgr train` option, with `--rule`
+/// and `--modules` taking comma-separated lists (the grid), plus [`BenchArgs`].
+#[derive(Debug, Clone)]
+pub struct GridArgs {
+    /// Rules of the grid.
+    pub rules: Vec<RuleKind>,
+    /// K values of the grid.
+    pub modules: Vec<usize>,
+    /// Run the whole grid this many times, alternating cells, and keep medians.
+    pub repeats: usize,
+    /// Print the rows as a JSON array.
+    pub json: bool,
+    /// Input shape, steps and warm-up.
+    pub bench: BenchArgs,
+    /// Every other training option, as `sgr train` takes it (`rule` and `modules` unset).
+    pub options: TrainOptions,
+}
+
+/// The flags of [`GridArgs`] that are neither training options nor [`BenchArgs`].
+#[derive(clap::Args)]
+struct GridOnly {
+    /// Run the whole grid this many times, alternating cells, and keep medians.
+    #[arg(long, default_value_t = 1)]
+    repeats: usize,
+    /// Print the rows as a JSON array.
+    #[arg(long)]
+    json: bool,
+}
+
+impl clap::Args for GridArgs {
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        // The training options' own --rule and --modules become the grid's lists, so the two
+        // can never disagree on names or values.
+        let cmd = TrainOptions::augment_args(cmd)
+            .mut_arg("rule", |a| {
+                a.action(ArgAction::Append)
+                    .value_delimiter(',')
+                    .default_value("dgl")
+                    .help("Rules, comma-separated (a bp K=1 reference row is always added)")
+            })
+            .mut_arg("modules", |a| {
+                a.action(ArgAction::Append)
+                    .value_delimiter(',')
+                    .default_value("1,2,4,8,16")
+                    .help("K values, comma-separated")
+            });
+        // Options a cell does not use stay parseable (to be refused by name in `plan`) but
+        // out of the help.
+        let cmd = NOT_BENCHMARKED
+            .iter()
+            .chain(&["no_augment"])
+            .fold(cmd, |cmd, key| cmd.mut_arg(*key, |a| a.hide(true)));
+        GridOnly::augment_args(BenchArgs::augment_args(cmd))
+    }
+
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        Self::augment_args(cmd)
+    }
+}
+
+impl FromArgMatches for GridArgs {
+    fn from_arg_matches(matches: &ArgMatches) -> std::result::Result<Self, clap::Error> {
+        Self::from_arg_matches_mut(&mut matches.clone())
+    }
+
+    fn from_arg_matches_mut(m: &mut ArgMatches) -> std::result::Result<Self, clap::Error> {
+        // Taken out first, so that the training options see neither.
+        let rules = m
+            .remove_many::<RuleKind>("rule")
+            .map(|v| v.collect())
+            .unwrap_or_default();
+        let modules = m
+            .remove_many::<usize>("modules")
+            .map(|v| v.collect())
+            .unwrap_or_default();
+        let options = TrainOptions::from_arg_matches_mut(m)?;
+        let bench = BenchArgs::from_arg_matches_mut(m)?;
+        let GridOnly { repeats, json } = GridOnly::from_arg_matches_mut(m)?;
+        Ok(GridArgs {
+            rules,
+            modules,
+            repeats,
+            json,
+            bench,
+            options,
+        })
+    }
+
+    fn update_from_arg_matches(&mut self, m: &ArgMatches) -> std::result::Result<(), clap::Error> {
+        *self = Self::from_arg_matches(m)?;
+        Ok(())
+    }
 }
 
 /// One measured row.
@@ -90,9 +201,10 @@ pub struct Row {
     /// Mean ms/step: the amortised cost when steps differ (e.g. `--sgr-every N`).
     #[serde(default)]
     pub ms_mean: f64,
-    /// Peak RSS above the post-construction baseline, bytes.
+    /// Peak memory above the post-construction baseline, bytes: host RSS on the CPU, the
+    /// device's used memory (`nvidia-smi`) on `--device cuda`.
     pub peak_memory_bytes: u64,
-    /// Baseline RSS, bytes.
+    /// Baseline RSS (CPU) or device used memory (CUDA), bytes.
     pub baseline_rss_bytes: u64,
     /// Analytic activation bytes of the largest module.
     pub largest_module_activation_bytes: i64,
@@ -102,42 +214,34 @@ pub struct Row {
     /// `ms_per_step` relative to the `bp` K=1 row (filled by the parent).
     #[serde(default)]
     pub time_ratio_to_bp: f64,
+    /// The cell's full training configuration, as `sgr train` would have resolved it.
+    #[serde(default)]
+    pub config: TrainConfig,
 }
 
 /// Measures one cell in this process.
-pub fn measure(cell: &CellArgs, rule: RuleKind, modules: usize) -> Result<Row> {
-    if cell.threads > 0 {
-        tch::set_num_threads(cell.threads as i32);
+pub fn measure(cell: &Cell) -> Result<Row> {
+    let (cfg, bench) = (&cell.config, &cell.bench);
+    if cfg.threads > 0 {
+        tch::set_num_threads(cfg.threads as i32);
     }
-    let sgr = SgrConfig {
-        lambda: cell.lambda,
-        every: cell.sgr_every,
-        grad: cell.sgr_grad,
-        ..Default::default()
+    let input = FeatureShape {
+        c: bench.channels,
+        h: bench.size,
+        w: bench.size,
     };
-    let spec = ModelSpec {
-        arch: cell.model,
-        modules,
-        split: cell.split,
-        head: cell.aux_head,
-        input: FeatureShape {
-            c: cell.channels,
-            h: cell.size,
-            w: cell.size,
-        },
-        classes: cell.classes,
-        penalty_cost: rules::penalty_cost(rule, &sgr),
-    };
-    let device = cell.device.tch_device()?;
-    let net = crate::model::with_seed(0, || SplitNet::new(&spec, device))?;
-    let mut opt = Sgd::new(&net.vs, SgdConfig::default());
-    let rule_impl = rules::build(rule, &sgr);
+    let device = cfg.tch_device()?;
+    let net = crate::model::with_seed(cfg.seed as i64, || {
+        SplitNet::new(&cfg.model_spec(input, bench.classes), device)
+    })?;
+    let mut opt = Sgd::new(&net.vs, cfg.sgd());
+    let rule_impl = rules::build(cfg.rule, &cfg.sgr());
     let batch = Batch {
         images: Tensor::randn(
-            [cell.batch_size, cell.channels, cell.size, cell.size],
+            [cfg.batch_size, bench.channels, bench.size, bench.size],
             (Kind::Float, device),
         ),
-        labels: Tensor::randint(cell.classes, [cell.batch_size], (Kind::Int64, device)),
+        labels: Tensor::randint(bench.classes, [cfg.batch_size], (Kind::Int64, device)),
     };
     let sync = || {
         if let Device::Cuda(index) = device {
@@ -150,30 +254,30 @@ pub fn measure(cell: &CellArgs, rule: RuleKind, modules: usize) -> Result<Row> {
     // peak, so the baseline is taken first. In live-memory mode freed tensors leave the RSS, so
     // the baseline is taken after warm-up and excludes libtorch's one-time caches and pools.
     let mut meter = Meter::start();
-    let mut times = Vec::with_capacity(cell.steps);
-    for step in 0..cell.warmup + cell.steps {
-        if cell.live_memory && step == cell.warmup {
+    let mut times = Vec::with_capacity(bench.steps);
+    for step in 0..bench.warmup + bench.steps {
+        if bench.live_memory && step == bench.warmup {
             meter = Meter::start();
         }
         let start = Instant::now();
         opt.zero_grad();
         rule_impl.step(&net, &batch, step)?;
-        opt.step(0.01);
+        opt.step(cfg.lr);
         sync();
-        if step >= cell.warmup {
+        if step >= bench.warmup {
             times.push(start.elapsed().as_secs_f64() * 1e3);
         }
     }
     let ms_mean = times.iter().sum::<f64>() / times.len().max(1) as f64;
     times.sort_by(f64::total_cmp);
     let largest = (0..net.num_modules())
-        .map(|k| net.module_activation_bytes(k, cell.batch_size))
+        .map(|k| net.module_activation_bytes(k, cfg.batch_size))
         .max()
         .unwrap_or(0);
     Ok(Row {
-        rule,
-        modules,
-        batch_size: cell.batch_size,
+        rule: cfg.rule,
+        modules: cfg.modules,
+        batch_size: cfg.batch_size,
         ms_per_step: times.get(times.len() / 2).copied().unwrap_or(f64::NAN),
         ms_min: times.first().copied().unwrap_or(f64::NAN),
         ms_mean,
@@ -185,39 +289,85 @@ pub fn measure(cell: &CellArgs, rule: RuleKind, modules: usize) -> Result<Row> {
         largest_module_activation_bytes: largest,
         memory_ratio_to_bp: 0.0,
         time_ratio_to_bp: 0.0,
+        config: cfg.clone(),
     })
 }
 
-/// Runs every (rule, K) cell in a child process of this binary, plus a `bp` K=1 reference row
-/// first; `repeats` alternates the whole set that many times and keeps each cell's median.
-pub fn run_grid(
-    cell: &CellArgs,
+/// The resolved configuration of every cell of the grid `rules` x `ks` (the `bp` K=1
+/// reference row first when `with_bp_reference`), each checked exactly as `sgr train` checks
+/// its flags, before anything runs. `sgr` cells with K below `--sgr-from` would be `dgl`
+/// under the name `sgr`: where the grid has other K they are left out with a note, and a grid
+/// with none left is refused.
+pub fn plan(
+    options: &TrainOptions,
     rules_list: &[RuleKind],
     ks: &[usize],
-    repeats: usize,
-) -> Result<Vec<Row>> {
-    let exe = std::env::current_exe()
-        .map_err(|e| Error::Config(format!("cannot find the sgr binary: {e}")))?;
-    let mut cells: Vec<(RuleKind, usize)> = vec![(RuleKind::Bp, 1)];
+    with_bp_reference: bool,
+) -> Result<Vec<TrainConfig>> {
+    let options = options.folded();
+    let given = serde_json::to_value(&options).expect("options serialise");
+    if let Some(key) = NOT_BENCHMARKED
+        .iter()
+        .find(|k| given.get(**k).is_some_and(|v| !v.is_null()))
+    {
+        return Err(Error::Config(format!(
+            "sgr bench: --{} does not apply to a benchmark (a cell times --steps steps on synthetic input of --channels x --size x --size, at a constant --lr); leave it out",
+            key.replace('_', "-")
+        )));
+    }
+    let sgr_from = options
+        .sgr_from
+        .unwrap_or_else(|| TrainConfig::default().sgr_from);
+    let mut pairs: Vec<(RuleKind, usize)> = Vec::new();
+    if with_bp_reference {
+        pairs.push((RuleKind::Bp, 1));
+    }
     for &rule in rules_list {
         for &k in ks {
-            if !cells.contains(&(rule, k)) {
-                cells.push((rule, k));
+            if rule == RuleKind::Sgr && k < sgr_from && ks.iter().any(|&other| other >= sgr_from) {
+                eprintln!(
+                    "  sgr K={k}: left out (--sgr-from {sgr_from} > K: no module would be regularised)"
+                );
+                continue;
+            }
+            if !pairs.contains(&(rule, k)) {
+                pairs.push((rule, k));
             }
         }
     }
-    // Validate every K before spending minutes on the first cells.
-    for &(_, k) in &cells {
-        crate::model::splits::check_k(cell.model, k, cell.split)?;
-    }
-    let cell_json = serde_json::to_string(cell).expect("cell serialises");
+    pairs
+        .into_iter()
+        .map(|(rule, k)| {
+            let cell = TrainOptions {
+                rule: Some(rule),
+                modules: Some(k),
+                ..options.clone()
+            };
+            let in_cell = |e: Error| Error::Config(format!("cell {rule} K={k}: {e}"));
+            let cfg = TrainConfig::resolve(&cell, None, None).map_err(in_cell)?;
+            crate::model::splits::check_k(cfg.model, k, cfg.split)?;
+            Ok(cfg)
+        })
+        .collect()
+}
+
+/// Runs every cell of [`plan`] (with the `bp` K=1 reference row first) in a child process of
+/// this binary; `repeats` alternates the whole set that many times and keeps each cell's
+/// median.
+pub fn run_grid(args: &GridArgs) -> Result<Vec<Row>> {
+    let exe = std::env::current_exe()
+        .map_err(|e| Error::Config(format!("cannot find the sgr binary: {e}")))?;
+    // Every cell is checked before minutes are spent on the first ones.
+    let cells = plan(&args.options, &args.rules, &args.modules, true)?;
     let mut samples: Vec<Vec<Row>> = vec![Vec::new(); cells.len()];
-    for _ in 0..repeats.max(1) {
-        for (i, &(rule, k)) in cells.iter().enumerate() {
-            let row = worker_row(&exe, cell, &cell_json, rule, k)?;
+    for _ in 0..args.repeats.max(1) {
+        for (i, cfg) in cells.iter().enumerate() {
+            let row = worker_row(&exe, cfg, &args.bench)?;
             // Progress on stderr, so a run stopped by a time limit still shows what it measured.
             eprintln!(
-                "  {rule} K={k}: {:.1} ms/step, peak {} MiB",
+                "  {} K={}: {:.1} ms/step, peak {} MiB",
+                cfg.rule,
+                cfg.modules,
                 row.ms_per_step,
                 mib(row.peak_memory_bytes as f64)
             );
@@ -242,22 +392,23 @@ pub fn run_grid(
     Ok(rows)
 }
 
-/// The line printed above a table: what was measured, where, and how often.
-pub fn header(cell: &CellArgs, repeats: usize) -> String {
-    let threads = match cell.threads {
+/// The line printed above a table: what was measured, where, and how often (`cfg` is any
+/// cell's configuration; they differ only in rule and K).
+pub fn header(cfg: &TrainConfig, bench: &BenchArgs, repeats: usize) -> String {
+    let threads = match cfg.threads {
         0 => "default threads".to_string(),
         n => format!("{n} thread(s)"),
     };
     format!(
         "{} batch {} input {}x{}x{}, device {}, {threads}, median of {} steps after {} warm-up, {} alternating repeat(s)",
-        cell.model,
-        cell.batch_size,
-        cell.channels,
-        cell.size,
-        cell.size,
-        cell.device.name(),
-        cell.steps,
-        cell.warmup,
+        cfg.model,
+        cfg.batch_size,
+        bench.channels,
+        bench.size,
+        bench.size,
+        cfg.device.name(),
+        bench.steps,
+        bench.warmup,
         repeats
     )
 }
@@ -330,6 +481,9 @@ pub struct CompareRow {
     pub pytorch_peak_memory_bytes: u64,
     /// sgr memory / PyTorch memory (< 1: sgr is leaner).
     pub memory_ratio: f64,
+    /// The sgr side's training configuration (threads as actually used).
+    #[serde(default)]
+    pub config: TrainConfig,
 }
 
 #[derive(Deserialize)]
@@ -363,29 +517,19 @@ fn run_json(cmd: &mut std::process::Command, what: &str) -> Result<String> {
 }
 
 /// Measures one cell in a child `sgr bench worker` process (with the live-memory allocator
-/// setting when `cell.live_memory`).
-fn worker_row(
-    exe: &std::path::Path,
-    cell: &CellArgs,
-    cell_json: &str,
-    rule: RuleKind,
-    k: usize,
-) -> Result<Row> {
-    let k_arg = k.to_string();
+/// setting when `bench.live_memory`).
+fn worker_row(exe: &std::path::Path, cfg: &TrainConfig, bench: &BenchArgs) -> Result<Row> {
+    let cell = Cell {
+        config: cfg.clone(),
+        bench: bench.clone(),
+    };
+    let cell_json = serde_json::to_string(&cell).expect("cell serialises");
     let mut cmd = std::process::Command::new(exe);
-    cmd.args([
-        "bench",
-        "worker",
-        "--cell",
-        cell_json,
-        "--rule",
-        rule.name(),
-        "--modules",
-        &k_arg,
-    ]);
-    if cell.live_memory {
+    cmd.args(["bench", "worker", "--cell", &cell_json]);
+    if bench.live_memory {
         cmd.env("MALLOC_MMAP_THRESHOLD_", MMAP_THRESHOLD.to_string());
     }
+    let (rule, k) = (cfg.rule, cfg.modules);
     let text = run_json(&mut cmd, &format!("bench worker for rule {rule} K={k}"))?;
     serde_json::from_str(&text)
         .map_err(|e| Error::Config(format!("bad worker output ({e}): {text}")))
@@ -395,20 +539,31 @@ fn worker_row(
 /// (`python reference bench ...`), `repeats` times, with the same thread count, steps,
 /// warm-up, input and memory method (high-water mark above each process's baseline).
 pub fn run_compare(
-    cell: &CellArgs,
-    rules_list: &[RuleKind],
-    ks: &[usize],
-    repeats: usize,
+    args: &GridArgs,
     python: &std::path::Path,
     reference: &std::path::Path,
 ) -> Result<Vec<CompareRow>> {
     let exe = std::env::current_exe()
         .map_err(|e| Error::Config(format!("cannot find the sgr binary: {e}")))?;
-    if cell.split != SplitStrategy::Table {
-        return Err(Error::Config(
-            "sgr bench compare: only --split table (the reference implements the split tables)"
-                .into(),
-        ));
+    let mut cells = plan(&args.options, &args.rules, &args.modules, false)?;
+    let defaults = serde_json::to_value(TrainConfig::default()).expect("config serialises");
+    for cfg in &cells {
+        if cfg.split != SplitStrategy::Table {
+            return Err(Error::Config(
+                "sgr bench compare: only --split table (the reference implements the split tables)"
+                    .into(),
+            ));
+        }
+        let value = serde_json::to_value(cfg).expect("config serialises");
+        if let Some(key) = NOT_MIRRORED_BY_REFERENCE
+            .iter()
+            .find(|k| value.get(**k) != defaults.get(**k))
+        {
+            return Err(Error::Config(format!(
+                "sgr bench compare: the PyTorch reference has no --{} (it runs the exact penalty gradient with the default optimizer settings), so the two sides would differ; leave it at its default",
+                key.replace('_', "-")
+            )));
+        }
     }
     if !reference.exists() {
         return Err(Error::Config(format!(
@@ -417,81 +572,86 @@ pub fn run_compare(
         )));
     }
     // Both sides must use the same explicit thread count.
-    let mut cell = cell.clone();
-    if cell.threads == 0 {
-        cell.threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    }
-    let cell = &cell;
-    let cell_json = serde_json::to_string(cell).expect("cell serialises");
-    let mut rows = Vec::new();
-    for &rule in rules_list {
-        for &k in ks {
-            crate::model::splits::check_k(cell.model, k, cell.split)?;
-            let (mut ours, mut theirs) = (Vec::new(), Vec::new());
-            let k_arg = k.to_string();
-            for _ in 0..repeats.max(1) {
-                let mine = worker_row(&exe, cell, &cell_json, rule, k)?;
-                let text = run_json(
-                    std::process::Command::new(python).arg(reference).args([
-                        "bench",
-                        "--model",
-                        cell.model.name(),
-                        "--batch-size",
-                        &cell.batch_size.to_string(),
-                        "--modules",
-                        &k_arg,
-                        "--rule",
-                        rule.name(),
-                        "--aux-head",
-                        &format!("{:?}", cell.aux_head).to_lowercase(),
-                        "--steps",
-                        &cell.steps.to_string(),
-                        "--warmup",
-                        &cell.warmup.to_string(),
-                        "--threads",
-                        &cell.threads.max(1).to_string(),
-                        "--in-channels",
-                        &cell.channels.to_string(),
-                        "--size",
-                        &cell.size.to_string(),
-                        "--classes",
-                        &cell.classes.to_string(),
-                        "--lambda",
-                        &cell.lambda.to_string(),
-                        "--sgr-every",
-                        &cell.sgr_every.to_string(),
-                        "--device",
-                        cell.device.name(),
-                    ]),
-                    "the PyTorch reference",
-                )?;
-                let row: ReferenceRow = serde_json::from_str(&text)
-                    .map_err(|e| Error::Config(format!("bad reference output ({e}): {text}")))?;
-                eprintln!(
-                    "  {rule} K={k}: sgr {:.1} ms/step, {} MiB; PyTorch {:.1} ms/step, {} MiB",
-                    mine.ms_per_step,
-                    mib(mine.peak_memory_bytes as f64),
-                    row.ms_per_step,
-                    mib(row.peak_memory_bytes as f64)
-                );
-                ours.push(mine);
-                theirs.push(row);
-            }
-            let sgr_ms = median(ours.iter().map(|r| r.ms_per_step).collect());
-            let py_ms = median(theirs.iter().map(|r| r.ms_per_step).collect());
-            let sgr_mem = median(ours.iter().map(|r| r.peak_memory_bytes).collect());
-            let py_mem = median(theirs.iter().map(|r| r.peak_memory_bytes).collect());
-            rows.push(CompareRow {
-                rule,
-                modules: k,
-                sgr_ms_per_step: sgr_ms,
-                pytorch_ms_per_step: py_ms,
-                speed_ratio: py_ms / sgr_ms,
-                sgr_peak_memory_bytes: sgr_mem,
-                pytorch_peak_memory_bytes: py_mem,
-                memory_ratio: sgr_mem as f64 / (py_mem as f64).max(1.0),
-            });
+    for cfg in &mut cells {
+        if cfg.threads == 0 {
+            cfg.threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         }
+    }
+    let bench = &args.bench;
+    let mut rows = Vec::new();
+    for cfg in &cells {
+        let (rule, k) = (cfg.rule, cfg.modules);
+        let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+        for _ in 0..args.repeats.max(1) {
+            let mine = worker_row(&exe, cfg, bench)?;
+            let text = run_json(
+                std::process::Command::new(python).arg(reference).args([
+                    "bench",
+                    "--model",
+                    cfg.model.name(),
+                    "--batch-size",
+                    &cfg.batch_size.to_string(),
+                    "--modules",
+                    &k.to_string(),
+                    "--rule",
+                    rule.name(),
+                    "--aux-head",
+                    &format!("{:?}", cfg.aux_head).to_lowercase(),
+                    "--steps",
+                    &bench.steps.to_string(),
+                    "--warmup",
+                    &bench.warmup.to_string(),
+                    "--threads",
+                    &cfg.threads.max(1).to_string(),
+                    "--in-channels",
+                    &bench.channels.to_string(),
+                    "--size",
+                    &bench.size.to_string(),
+                    "--classes",
+                    &bench.classes.to_string(),
+                    "--lambda",
+                    &cfg.lambda.to_string(),
+                    "--sgr-distance",
+                    serde_json::to_value(cfg.sgr_distance)
+                        .expect("distance serialises")
+                        .as_str()
+                        .unwrap_or_default(),
+                    "--sgr-from",
+                    &cfg.sgr_from.to_string(),
+                    "--sgr-every",
+                    &cfg.sgr_every.to_string(),
+                    "--device",
+                    cfg.device.name(),
+                ]),
+                "the PyTorch reference",
+            )?;
+            let row: ReferenceRow = serde_json::from_str(&text)
+                .map_err(|e| Error::Config(format!("bad reference output ({e}): {text}")))?;
+            eprintln!(
+                "  {rule} K={k}: sgr {:.1} ms/step, {} MiB; PyTorch {:.1} ms/step, {} MiB",
+                mine.ms_per_step,
+                mib(mine.peak_memory_bytes as f64),
+                row.ms_per_step,
+                mib(row.peak_memory_bytes as f64)
+            );
+            ours.push(mine);
+            theirs.push(row);
+        }
+        let sgr_ms = median(ours.iter().map(|r| r.ms_per_step).collect());
+        let py_ms = median(theirs.iter().map(|r| r.ms_per_step).collect());
+        let sgr_mem = median(ours.iter().map(|r| r.peak_memory_bytes).collect());
+        let py_mem = median(theirs.iter().map(|r| r.peak_memory_bytes).collect());
+        rows.push(CompareRow {
+            rule,
+            modules: k,
+            sgr_ms_per_step: sgr_ms,
+            pytorch_ms_per_step: py_ms,
+            speed_ratio: py_ms / sgr_ms,
+            sgr_peak_memory_bytes: sgr_mem,
+            pytorch_peak_memory_bytes: py_mem,
+            memory_ratio: sgr_mem as f64 / (py_mem as f64).max(1.0),
+            config: cfg.clone(),
+        });
     }
     Ok(rows)
 }

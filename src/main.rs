@@ -1,10 +1,9 @@
 //! The `sgr` command line: train, evaluate, inspect data, benchmark, sweep presets, report.
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use sgr::bench::{self, CellArgs};
+use sgr::bench::{self, GridArgs};
 use sgr::config::{self, DeviceKind, TrainConfig, TrainOptions};
 use sgr::data::{self, DatasetKind};
-use sgr::rules::RuleKind;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -68,7 +67,7 @@ enum Command {
     /// Benchmark training steps (each setting in its own process).
     Bench {
         #[command(subcommand)]
-        command: BenchCommand,
+        command: Box<BenchCommand>,
     },
     /// Run every cell of an experiment preset, each as its own `sgr train` (finished cells are
     /// skipped, interrupted ones resumed).
@@ -113,24 +112,6 @@ enum DataCommand {
     },
 }
 
-#[derive(clap::Args)]
-struct GridArgs {
-    /// Rules, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "dgl")]
-    rule: Vec<RuleKind>,
-    /// K values, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16")]
-    modules: Vec<usize>,
-    /// Run the whole grid this many times, alternating cells, and keep medians.
-    #[arg(long, default_value_t = 1)]
-    repeats: usize,
-    /// Print the rows as a JSON array.
-    #[arg(long)]
-    json: bool,
-    #[command(flatten)]
-    cell: CellArgs,
-}
-
 #[derive(Subcommand)]
 enum BenchCommand {
     /// Peak training memory per K (and rule), with ratios to global BP.
@@ -148,15 +129,11 @@ enum BenchCommand {
         #[arg(long)]
         reference: Option<PathBuf>,
     },
-    /// Internal: measure one cell and print it as JSON.
+    /// Internal: measure one cell (a `bench::Cell` as JSON) and print its row as JSON.
     #[command(hide = true)]
     Worker {
         #[arg(long)]
         cell: String,
-        #[arg(long)]
-        rule: RuleKind,
-        #[arg(long)]
-        modules: usize,
     },
 }
 
@@ -299,11 +276,14 @@ fn eval(path: &Path, args: EvalArgs) -> Result<()> {
 }
 
 fn grid(args: &GridArgs) -> Result<()> {
-    let rows = bench::run_grid(&args.cell, &args.rule, &args.modules, args.repeats)?;
+    let rows = bench::run_grid(args)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
-        println!("{}", bench::header(&args.cell, args.repeats));
+        println!(
+            "{}",
+            bench::header(&rows[0].config, &args.bench, args.repeats)
+        );
         print!("{}", bench::table(&rows));
     }
     Ok(())
@@ -413,9 +393,9 @@ fn run(cli: Cli) -> Result<()> {
         } => sweep(&preset, out, dry_run),
         Command::Report { dir, out } => report(&dir, out),
         Command::InternalPanic => panic!("deliberate panic (sgr internal-panic)"),
-        Command::Bench { command } => match command {
+        Command::Bench { command } => match *command {
             BenchCommand::Memory(mut args) => {
-                args.cell.live_memory = true;
+                args.bench.live_memory = true;
                 grid(&args)
             }
             BenchCommand::Step(args) => grid(&args),
@@ -428,29 +408,21 @@ fn run(cli: Cli) -> Result<()> {
                 let python = python.unwrap_or_else(|| root.join(".venv/bin/python"));
                 let reference =
                     reference.unwrap_or_else(|| root.join("bench/reference/sgr_ref.py"));
-                let rows = bench::run_compare(
-                    &grid.cell,
-                    &grid.rule,
-                    &grid.modules,
-                    grid.repeats,
-                    &python,
-                    &reference,
-                )?;
+                let rows = bench::run_compare(&grid, &python, &reference)?;
                 if grid.json {
                     println!("{}", serde_json::to_string_pretty(&rows)?);
                 } else {
-                    println!("{}", bench::header(&grid.cell, grid.repeats));
+                    println!(
+                        "{}",
+                        bench::header(&rows[0].config, &grid.bench, grid.repeats)
+                    );
                     print!("{}", bench::compare_table(&rows));
                 }
                 Ok(())
             }
-            BenchCommand::Worker {
-                cell,
-                rule,
-                modules,
-            } => {
-                let cell: CellArgs = serde_json::from_str(&cell)?;
-                let row = bench::measure(&cell, rule, modules)?;
+            BenchCommand::Worker { cell } => {
+                let cell: bench::Cell = serde_json::from_str(&cell)?;
+                let row = bench::measure(&cell)?;
                 println!("{}", serde_json::to_string(&row)?);
                 Ok(())
             }

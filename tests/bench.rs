@@ -86,3 +86,97 @@ fn bad_k_is_rejected_before_any_worker_runs() {
     assert!(err.contains("--modules 5"), "{err}");
     crate::common::assert_no_panic(&err);
 }
+
+/// Runs `sgr bench` expecting failure; returns stderr.
+fn bench_error(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_sgr"))
+        .arg("bench")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{args:?} succeeded");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    crate::common::assert_no_panic(&err);
+    err
+}
+
+#[test]
+fn cells_take_every_training_option() {
+    let mut args = vec![
+        "step",
+        "--modules",
+        "1,4",
+        "--rule",
+        "sgr",
+        "--sgr-distance",
+        "cosine",
+        "--sgr-from",
+        "3",
+        "--sgr-grad",
+        "fd",
+        "--fd-eps",
+        "0.01",
+        "--sgr-every",
+        "2",
+        "--nesterov",
+        "--json",
+    ];
+    args.extend(TINY);
+    let rows = bench_json(&args);
+    // bp K=1, then sgr K=4 only: sgr K=1 would be dgl under the name sgr.
+    let cells: Vec<_> = rows
+        .iter()
+        .map(|r| (r["rule"].as_str().unwrap(), r["modules"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(cells, [("bp", 1), ("sgr", 4)]);
+    let cfg = &rows[1]["config"];
+    for (key, value) in [
+        ("rule", serde_json::json!("sgr")),
+        ("modules", 4.into()),
+        ("sgr_distance", "cosine".into()),
+        ("sgr_from", 3.into()),
+        ("sgr_grad", "fd".into()),
+        ("fd_eps", 0.01.into()),
+        ("sgr_every", 2.into()),
+        ("nesterov", true.into()),
+        ("batch_size", 8.into()),
+        ("threads", 1.into()),
+    ] {
+        assert_eq!(cfg[key], value, "{key}: {cfg}");
+    }
+}
+
+#[test]
+fn bench_refuses_what_train_refuses_and_what_it_would_ignore() {
+    let err = bench_error(&["step", "--rule", "sgr", "--modules", "2", "--sgr-from", "3"]);
+    assert!(
+        err.starts_with("error: cell sgr K=2: --sgr-from: 3 is larger than --modules 2"),
+        "{err}"
+    );
+    let err = bench_error(&["step", "--rule", "dgl", "--modules", "2", "--epochs", "3"]);
+    assert!(
+        err.starts_with("error: sgr bench: --epochs does not apply to a benchmark"),
+        "{err}"
+    );
+    let err = bench_error(&["memory", "--modules", "2", "--no-augment"]);
+    assert!(
+        err.starts_with("error: sgr bench: --augment does not apply"),
+        "{err}"
+    );
+    let err = bench_error(&["step", "--modules", "2", "--lr=-1"]);
+    assert!(err.contains("--lr: must be a positive number"), "{err}");
+    // The PyTorch reference runs the exact gradient with default optimizer settings only.
+    let err = bench_error(&[
+        "compare",
+        "--rule",
+        "sgr",
+        "--modules",
+        "2",
+        "--sgr-grad",
+        "jvp",
+    ]);
+    assert!(
+        err.starts_with("error: sgr bench compare: the PyTorch reference has no --sgr-grad"),
+        "{err}"
+    );
+}

@@ -9,7 +9,8 @@
 #
 # SGR_TORCH_INSTALL=light installs only torch and the two CUDA runtime libraries that
 # libtorch_cpu.so needs (1.3 GB instead of 4.7 GB); enough for the Rust side, but Python's
-# `import torch` (the PyTorch reference in bench/reference) then fails. Default: full.
+# `import torch` (the PyTorch reference in bench/reference) then fails, and `cargo test`
+# skips the tests that compare with it (one `skipped:` line each). Default: full.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,6 +41,8 @@ site="${site#"$(pwd)/.venv/"}"
 ln -sfn "$site/torch" .venv/libtorch
 ln -sfn "$site/nvidia/cu13/lib" .venv/cuda-lib
 test -f .venv/libtorch/lib/libtorch_cpu.so || { echo "libtorch not found under .venv/libtorch" >&2; exit 1; }
+# Read by the tests: only under a light install may the PyTorch-reference tests skip.
+echo "$MODE" > .venv/sgr-torch-install
 echo "torch $TORCH_VERSION ($MODE install), venv $(du -sh .venv | cut -f1)"
 
 step "data sets (data/)"

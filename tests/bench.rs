@@ -58,6 +58,9 @@ fn memory_and_step_rows_have_a_bp_reference_and_ratios() {
 
 #[test]
 fn compare_runs_both_implementations() {
+    if crate::common::skip_without_torch("compare_runs_both_implementations") {
+        return;
+    }
     let mut args = vec!["compare", "--modules", "2", "--rule", "sgr", "--json"];
     args.extend(TINY);
     let rows = bench_json(&args);

@@ -97,6 +97,45 @@ pub fn assert_no_panic(stderr: &str) {
     }
 }
 
+/// The project's Python (`.venv/bin/python`), which the PyTorch reference runs on.
+pub fn venv_python() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python")
+}
+
+/// Why a test that needs Python torch cannot run, or `None` when it must run.
+///
+/// `SGR_TORCH_INSTALL=light` (scripts/setup.sh) installs libtorch for the Rust side only and
+/// records `light` in `<venv>/sgr-torch-install`; there, and only there, a failing
+/// `import torch` means "skip". Everywhere else (the full install, which CI uses, or a venv
+/// without the record) the test runs and a missing torch is a failure, so a skip can never
+/// hide a broken reference.
+pub fn torch_skip_reason(venv: &std::path::Path) -> Option<String> {
+    let mode = std::fs::read_to_string(venv.join("sgr-torch-install")).ok()?;
+    if mode.trim() != "light" {
+        return None;
+    }
+    let imports = std::process::Command::new(venv.join("bin/python"))
+        .args(["-c", "import torch"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    (!imports).then(|| {
+        "needs Python torch, which the light install (SGR_TORCH_INSTALL=light) leaves out; rerun scripts/setup.sh without it to run this test".to_string()
+    })
+}
+
+/// Prints one `skipped` line and returns true when the PyTorch reference cannot run here
+/// (see [`torch_skip_reason`]).
+pub fn skip_without_torch(test: &str) -> bool {
+    let venv = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv");
+    match torch_skip_reason(&venv) {
+        Some(why) => {
+            eprintln!("skipped: {test}: {why}");
+            true
+        }
+        None => false,
+    }
+}
+
 /// ‖a − b‖ / ‖b‖ over flattened vectors.
 pub fn rel_err(a: &[f64], b: &[f64]) -> f64 {
     let num: f64 = a

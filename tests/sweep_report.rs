@@ -213,17 +213,21 @@ fn fake_run(
         lines.push('\n');
     }
     write(&dir.join("metrics.jsonl"), &lines);
-    write(
-        &dir.join("summary.json"),
-        &json!({
-            "rule": rule, "model": "resnet20", "dataset": "synthetic", "modules": k,
-            "module_ranges": [], "epochs": 3, "seed": seed, "test_accuracy": acc,
-            "best_test_accuracy": acc, "module_test_accuracy": heads, "train_seconds": 3.0,
-            "images_per_second": ips, "peak_memory_bytes": peak_mib << 20,
-            "module_activation_bytes": [], "parameters": 1000, "config": {}
-        })
-        .to_string(),
-    );
+    let mut summary = json!({
+        "rule": rule, "model": "resnet20", "dataset": "synthetic", "modules": k,
+        "module_ranges": [], "epochs": 3, "seed": seed, "test_accuracy": acc,
+        "best_test_accuracy": acc, "module_test_accuracy": heads, "train_seconds": 3.0,
+        "images_per_second": ips,
+        "module_activation_bytes": [], "parameters": 1000, "config": {}
+    });
+    // Summaries written before the field was renamed say peak_memory_bytes; both are read.
+    let peak_key = if seed == 0 {
+        "peak_memory_bytes"
+    } else {
+        "peak_host_rss_bytes"
+    };
+    summary[peak_key] = (peak_mib << 20).into();
+    write(&dir.join("summary.json"), &summary.to_string());
 }
 
 #[test]

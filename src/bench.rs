@@ -8,7 +8,7 @@
 //! Workers build the same `SplitNet`, `Sgd` and `Rule` as `sgr train`, so the step measured
 //! is the real one.
 use crate::config::{TrainConfig, TrainOptions};
-use crate::data::Batch;
+use crate::data::{Batch, DatasetKind};
 use crate::memory::{Meter, gpu_used_bytes};
 use crate::model::{FeatureShape, SplitNet, SplitStrategy};
 use crate::optim::Sgd;
@@ -341,6 +341,8 @@ pub fn plan(
             let cell = TrainOptions {
                 rule: Some(rule),
                 modules: Some(k),
+                // What a cell trains on (of --channels x --size x --size, not the data set's).
+                data: Some(DatasetKind::Synthetic),
                 ..options.clone()
             };
             let in_cell = |e: Error| Error::Config(format!("cell {rule} K={k}: {e}"));

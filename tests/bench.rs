@@ -144,6 +144,7 @@ fn cells_take_every_training_option() {
         ("nesterov", true.into()),
         ("batch_size", 8.into()),
         ("threads", 1.into()),
+        ("data", "synthetic".into()),
     ] {
         assert_eq!(cfg[key], value, "{key}: {cfg}");
     }

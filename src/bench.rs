@@ -116,15 +116,11 @@ pub fn measure(cell: &CellArgs, rule: RuleKind, modules: usize) -> Result<Row> {
         ..Default::default()
     };
     let spec = ModelSpec {
-        arch: cell.model,
+        arch: cell.model.clone(),
         modules,
         split: cell.split,
         head: cell.aux_head,
-        input: FeatureShape {
-            c: cell.channels,
-            h: cell.size,
-            w: cell.size,
-        },
+        input: FeatureShape::map(cell.channels, cell.size, cell.size),
         classes: cell.classes,
         penalty_cost: rules::penalty_cost(rule, &sgr),
     };
@@ -157,7 +153,7 @@ pub fn measure(cell: &CellArgs, rule: RuleKind, modules: usize) -> Result<Row> {
         }
         let start = Instant::now();
         opt.zero_grad();
-        rule_impl.step(&net, &batch, step)?;
+        rule_impl.step(&net, &batch, &rules::StepContext::at_step(step))?;
         opt.step(0.01);
         sync();
         if step >= cell.warmup {
@@ -208,7 +204,7 @@ pub fn run_grid(
     }
     // Validate every K before spending minutes on the first cells.
     for &(_, k) in &cells {
-        crate::model::splits::check_k(cell.model, k, cell.split)?;
+        crate::model::splits::check_k(&cell.model, k, cell.split)?;
     }
     let cell_json = serde_json::to_string(cell).expect("cell serialises");
     let mut samples: Vec<Vec<Row>> = vec![Vec::new(); cells.len()];
@@ -426,7 +422,7 @@ pub fn run_compare(
     let mut rows = Vec::new();
     for &rule in rules_list {
         for &k in ks {
-            crate::model::splits::check_k(cell.model, k, cell.split)?;
+            crate::model::splits::check_k(&cell.model, k, cell.split)?;
             let (mut ours, mut theirs) = (Vec::new(), Vec::new());
             let k_arg = k.to_string();
             for _ in 0..repeats.max(1) {
@@ -435,7 +431,7 @@ pub fn run_compare(
                     std::process::Command::new(python).arg(reference).args([
                         "bench",
                         "--model",
-                        cell.model.name(),
+                        &cell.model.to_string(),
                         "--batch-size",
                         &cell.batch_size.to_string(),
                         "--modules",

@@ -92,8 +92,8 @@ config_fields! {
     data: DatasetKind = DatasetKind::FashionMnist;
     /// Folder holding the data sets [default: data]
     data_dir: PathBuf = PathBuf::from("data");
-    /// Network [default: resnet32]
-    model: Arch = Arch::Resnet32;
+    /// Network: resnet20, resnet32, resnet56, resnet110, or mlp-DxW (D hidden layers of width W, e.g. mlp-8x256) [default: resnet32]
+    model: Arch = "resnet32".parse().expect("a registered network");
     /// Training rule [default: bp]
     rule: RuleKind = RuleKind::Bp;
     /// Number of gradient-isolated modules K [default: 1]
@@ -291,7 +291,7 @@ impl TrainConfig {
     /// The model to build for data of `input` shape and `classes` classes.
     pub fn model_spec(&self, input: FeatureShape, classes: i64) -> ModelSpec {
         ModelSpec {
-            arch: self.model,
+            arch: self.model.clone(),
             modules: self.modules,
             split: self.split,
             head: self.aux_head,
@@ -350,7 +350,7 @@ mod tests {
 
     #[test]
     fn balanced_memory_split_is_penalty_aware_for_sgr_only() {
-        let input = FeatureShape { c: 3, h: 32, w: 32 };
+        let input = FeatureShape::map(3, 32, 32);
         let ranges = |text: &str| {
             let cfg = TrainConfig::resolve(
                 &TrainOptions::default(),
@@ -384,7 +384,7 @@ mod tests {
         let cfg = TrainConfig::resolve(&flags, Some(&file), None).unwrap();
         assert_eq!(cfg.lr, 0.2);
         assert_eq!(cfg.epochs, 3);
-        assert_eq!(cfg.model, Arch::Resnet20);
+        assert_eq!(cfg.model.to_string(), "resnet20");
         assert_eq!(cfg.batch_size, TrainConfig::default().batch_size);
     }
 

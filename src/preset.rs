@@ -198,7 +198,7 @@ impl Preset {
             let name = cell_name(rule.name(), k, seed);
             let options = TrainOptions {
                 data: Some(self.data),
-                model: Some(self.model),
+                model: Some(self.model.clone()),
                 rule: Some(rule),
                 modules: Some(k),
                 seed: Some(seed),
@@ -214,7 +214,7 @@ impl Preset {
             };
             let in_cell = |e: Error| Error::Config(format!("cell {name}: {e}"));
             let config = TrainConfig::resolve(&options, None, None).map_err(in_cell)?;
-            splits::check_k(config.model, k, config.split).map_err(in_cell)?;
+            splits::check_k(&config.model, k, config.split).map_err(in_cell)?;
             cells.push(Cell {
                 name,
                 rule,

@@ -111,11 +111,7 @@ pub fn load_data(cfg: &TrainConfig) -> Result<Dataset> {
 
 /// Builds the network for `cfg` on data `ds` (seeding libtorch first).
 pub fn build_net(cfg: &TrainConfig, ds: &Dataset) -> Result<SplitNet> {
-    let input = FeatureShape {
-        c: ds.meta.channels,
-        h: ds.meta.height,
-        w: ds.meta.width,
-    };
+    let input = FeatureShape::map(ds.meta.channels, ds.meta.height, ds.meta.width);
     let spec = cfg.model_spec(input, ds.meta.classes);
     let device = cfg.tch_device()?;
     crate::model::with_seed(cfg.seed as i64, || SplitNet::new(&spec, device))
@@ -400,7 +396,7 @@ impl<'a> Trainer<'a> {
                 totals.discord.push(d);
             }
             self.opt.zero_grad();
-            let stats = self.rule.step(&self.net, &batch, state.global_step)?;
+let stats = self.rule.step(&self.net, &batch, state.global_step)?;
             if let Some(what) = non_finite(&self.net, &stats, &mut self.opt) {
                 let msg = format!(
                     "training diverged at epoch {}, step {}: {what}; the last good checkpoint ({}) is kept — lower --lr or pass --on-nan skip-batch",

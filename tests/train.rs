@@ -37,7 +37,7 @@ fn fmnist_fixture() -> Dataset {
 fn small_config(rule: RuleKind, modules: usize) -> TrainConfig {
     TrainConfig {
         data: DatasetKind::FashionMnist,
-        model: Arch::Resnet20,
+        model: "resnet20".parse::<Arch>().unwrap(),
         rule,
         modules,
         split: SplitStrategy::Even,
@@ -81,7 +81,7 @@ fn resume_continues_exactly_like_an_uninterrupted_run() {
     let ds = data::synthetic::generate(3, 192, 64, 1, 12, 3);
     let mut cfg = TrainConfig {
         data: DatasetKind::Synthetic,
-        model: Arch::Resnet20,
+        model: "resnet20".parse::<Arch>().unwrap(),
         rule: RuleKind::Sgr,
         modules: 3,
         split: SplitStrategy::Even,

@@ -25,7 +25,7 @@ fn penalty_grad(net: &SplitNet, batch: &Batch, cfg: &SgrConfig) -> Tensor {
             ..cfg.clone()
         };
         rules::build(RuleKind::Sgr, &cfg)
-            .step(net, batch, 0)
+            .step(net, batch, &rules::StepContext::default())
             .expect("step");
         Tensor::cat(
             &vars

@@ -8,7 +8,7 @@
 use crate::data::DatasetKind;
 use crate::model::{Arch, FeatureShape, HeadKind, ModelSpec, SplitStrategy};
 use crate::optim::SgdConfig;
-use crate::rules::{RuleKind, SgrConfig, SgrDistance, SgrGrad};
+use crate::rules::{LambdaSchedule, RuleKind, SgrConfig, SgrDistance, SgrGrad, SgrSide};
 use crate::schedule::{Schedule, ScheduleKind};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -133,13 +133,15 @@ config_fields! {
     train_subset: usize = 0;
     /// Evaluate on the first N test images only (0 = all) [default: 0]
     test_subset: usize = 0;
+    /// Hold out the last N training images and evaluate on them instead of the test split, to choose settings without looking at the test set (0 = evaluate on the test split) [default: 0]
+    holdout: usize = 0;
     /// Data augmentation (crop, plus flip for CIFAR) [default: true]
     augment: bool = true;
     /// Stop each epoch after N steps (0 = full epochs; for smoke tests and benchmarks) [default: 0]
     max_steps_per_epoch: usize = 0;
     /// SGR penalty weight λ [default: 0.1]
     lambda: f64 = 0.1;
-    /// SGR gradient distance [default: l2]
+    /// SGR gradient distance: l2, cosine (batch-flattened) or cosine-sample (mean per-sample cosine) [default: l2]
     sgr_distance: SgrDistance = SgrDistance::L2;
     /// First module (1-based) that SGR regularises [default: 2]
     sgr_from: usize = 2;
@@ -149,6 +151,12 @@ config_fields! {
     sgr_grad: SgrGrad = SgrGrad::Exact;
     /// Relative finite-difference step of --sgr-grad fd (see BENCHMARKS.md for how 3e-2 was chosen) [default: 3e-2]
     fd_eps: f64 = 3e-2;
+    /// Which side of each boundary SGR penalises: receiver (module k matches its input gradient to module k-1's output gradient), sender (module k-1 matches its output gradient to module k's input gradient) or both [default: receiver]
+    sgr_side: SgrSide = SgrSide::Receiver;
+    /// How λ changes over training: constant, warmup (linear ramp from 0) or decay (linear to 0) [default: constant]
+    lambda_schedule: LambdaSchedule = LambdaSchedule::Constant;
+    /// Epochs the λ warm-up or decay spans (0 = the whole run) [default: 0]
+    lambda_schedule_epochs: f64 = 0.0;
     /// Measure gradient discord every N steps (0 = never) [default: 50]
     diag_every: usize = 50;
     /// What to do on a NaN/Inf loss or gradient [default: stop]
@@ -285,6 +293,23 @@ impl TrainConfig {
         if !(self.warmup_epochs.is_finite() && self.warmup_epochs >= 0.0) {
             return fail("warmup-epochs", "must be >= 0");
         }
+        if !(self.lambda_schedule_epochs.is_finite() && self.lambda_schedule_epochs >= 0.0) {
+            return fail("lambda-schedule-epochs", "must be >= 0");
+        }
+        if self.rule == RuleKind::Sgr && self.sgr_side != SgrSide::Receiver {
+            if self.modules < 2 {
+                return fail(
+                    "sgr-side",
+                    "sender and both need a boundary: use --modules 2 or more",
+                );
+            }
+            if self.sgr_grad != SgrGrad::Exact {
+                return fail(
+                    "sgr-side",
+                    "sender and both are computed with --sgr-grad exact only",
+                );
+            }
+        }
         Ok(())
     }
 
@@ -331,6 +356,13 @@ impl TrainConfig {
             every: self.sgr_every,
             grad: self.sgr_grad,
             fd_eps: self.fd_eps,
+            side: self.sgr_side,
+            schedule: self.lambda_schedule,
+            schedule_epochs: if self.lambda_schedule_epochs > 0.0 {
+                self.lambda_schedule_epochs
+            } else {
+                self.epochs as f64
+            },
         }
     }
 

@@ -97,9 +97,22 @@ pub fn evaluate(net: &SplitNet, ds: &Dataset, split: &data::Split, batch_size: i
     }
 }
 
-/// Loads the data set of `cfg`, cut to the configured subsets.
+/// Loads the data set of `cfg`, cut to the configured subsets. With `holdout`, the last
+/// `holdout` training images become the evaluation split (before `train_subset` and
+/// `test_subset` apply), so settings can be chosen without the test set.
 pub fn load_data(cfg: &TrainConfig) -> Result<Dataset> {
     let mut ds = data::load(cfg.data, &cfg.data_dir)?;
+    if cfg.holdout > 0 {
+        let n = ds.train.len();
+        if cfg.holdout >= n {
+            return Err(Error::Config(format!(
+                "--holdout {}: must be smaller than the {n} training images",
+                cfg.holdout
+            )));
+        }
+        ds.test = ds.train.tail(cfg.holdout);
+        ds.train = ds.train.subset(n - cfg.holdout);
+    }
     if cfg.train_subset > 0 {
         ds.train = ds.train.subset(cfg.train_subset);
     }
@@ -396,7 +409,11 @@ impl<'a> Trainer<'a> {
                 totals.discord.push(d);
             }
             self.opt.zero_grad();
-let stats = self.rule.step(&self.net, &batch, state.global_step)?;
+            let at = rules::StepContext {
+                global_step: state.global_step,
+                epoch: epoch as f64 + i as f64 / steps.max(1) as f64,
+            };
+            let stats = self.rule.step(&self.net, &batch, &at)?;
             if let Some(what) = non_finite(&self.net, &stats, &mut self.opt) {
                 let msg = format!(
                     "training diverged at epoch {}, step {}: {what}; the last good checkpoint ({}) is kept — lower --lr or pass --on-nan skip-batch",

@@ -397,10 +397,10 @@ fn sgr_every_n_steps_is_dgl_in_between() {
     zero_grads(&a);
     zero_grads(&b);
     rules::build(RuleKind::Sgr, &cfg)
-        .step(&a, &batch, 1)
+        .step(&a, &batch, &rules::StepContext::at_step(1))
         .unwrap();
     rules::build(RuleKind::Dgl, &cfg)
-        .step(&b, &batch, 1)
+        .step(&b, &batch, &rules::StepContext::at_step(1))
         .unwrap();
     assert_eq!(max_abs_diff(&grads(&a), &grads(&b)), 0.0);
 }

@@ -6,5 +6,7 @@ mod model;
 mod reference;
 mod reliability;
 mod rules;
+mod study;
 mod sweep_report;
 mod train;
+mod variants;

@@ -293,6 +293,20 @@ impl TrainConfig {
         if !(self.warmup_epochs.is_finite() && self.warmup_epochs >= 0.0) {
             return fail("warmup-epochs", "must be >= 0");
         }
+        // The split and the heads are checked here, before a run folder is written.
+        crate::model::splits::check_k(&self.model, self.modules, self.split)?;
+        if self.modules > 1
+            && self.aux_head == HeadKind::Conv
+            && !self.model.network().outputs_maps()
+        {
+            return fail(
+                "aux-head",
+                &format!(
+                    "conv needs feature maps, but {} outputs vectors; use --aux-head linear or mlp",
+                    self.model
+                ),
+            );
+        }
         if !(self.lambda_schedule_epochs.is_finite() && self.lambda_schedule_epochs >= 0.0) {
             return fail("lambda-schedule-epochs", "must be >= 0");
         }

@@ -175,11 +175,14 @@ fn train(
         }
         TrainConfig::resolve(flags, file.as_ref(), None)?
     };
+    // Bad data (missing files, a --holdout larger than the set) fails before the run folder
+    // exists.
+    let ds = sgr::train::load_data(&cfg)?;
     // Fail on an unwritable folder before any training time is spent.
     std::fs::create_dir_all(out)
         .with_context(|| format!("cannot create run folder {}", out.display()))?;
     sgr::checkpoint::write_atomic(&config_json, &serde_json::to_vec_pretty(&cfg)?)?;
-    let summary = sgr::train::run(&cfg, out, resume, quiet)?;
+    let summary = sgr::train::run_with_data(&cfg, &ds, out, resume, quiet)?;
     println!(
         "{} {} K={} on {}: test accuracy {:.2}% (best {:.2}%), {:.0} img/s, peak memory {:.0} MiB -> {}",
         summary.rule,

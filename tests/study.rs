@@ -105,3 +105,59 @@ fn holdout_evaluates_on_the_last_training_images_and_trains_on_the_rest() {
         "{e}"
     );
 }
+
+#[test]
+fn malformed_networks_and_impossible_variants_fail_before_a_run_folder_exists() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let o = out.to_str().unwrap();
+    let cases: &[(&[&str], &str)] = &[
+        (&["--model", "mlp-0x256"], "mlp-0x256"),
+        (&["--model", "mlp-8x"], "mlp-8x"),
+        (&["--model", "mlp-8x256x3"], "mlp-8x256x3"),
+        (
+            &[
+                "--model",
+                "mlp-8x256",
+                "--aux-head",
+                "linear",
+                "--modules",
+                "9",
+            ],
+            "--modules 9",
+        ),
+        (&["--model", "mlp-8x256", "--modules", "2"], "--aux-head"),
+        (
+            &[
+                "--model",
+                "mlp-4x8",
+                "--aux-head",
+                "linear",
+                "--rule",
+                "sgr",
+                "--sgr-side",
+                "sender",
+            ],
+            "--sgr-side",
+        ),
+        (&["--holdout", "70000"], "--holdout"),
+    ];
+    for (args, needle) in cases {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_sgr"))
+            .args(["train", "--data", "synthetic", "--out", o, "--epochs", "1"])
+            .args(*args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{args:?} succeeded");
+        assert!(
+            err.starts_with("error") && err.contains(needle),
+            "{args:?}: {err}"
+        );
+        assert!(
+            !err.contains("panicked") && !err.contains("internal error"),
+            "{args:?}: {err}"
+        );
+        assert!(!out.exists(), "{args:?} wrote a run folder");
+    }
+}

@@ -99,6 +99,10 @@ impl Network for Mlp {
         format!("{} hidden layers", self.depth)
     }
 
+    fn outputs_maps(&self) -> bool {
+        false
+    }
+
     /// Every K divides the layers evenly; K = D is one layer per module.
     fn split_table(&self) -> Vec<(usize, TableEntry)> {
         (1..=self.depth).map(|k| (k, TableEntry::Even)).collect()

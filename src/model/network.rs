@@ -50,6 +50,9 @@ pub trait Network: std::fmt::Debug + Send + Sync {
     fn num_units(&self) -> usize;
     /// What the units are, for error messages (`stem + 15 residual blocks`).
     fn describe_units(&self) -> String;
+    /// Whether the units output feature maps (`Map`) rather than vectors, so that the heads that
+    /// need maps can be checked before anything is built.
+    fn outputs_maps(&self) -> bool;
     /// The split table: for each listed K, how the units are cut (`--split table`).
     fn split_table(&self) -> Vec<(usize, TableEntry)>;
     /// Builds the units under `root` for inputs of shape `input`; fails with a configuration

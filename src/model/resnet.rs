@@ -126,6 +126,10 @@ impl Network for Resnet {
         format!("stem + {} residual blocks", 3 * self.blocks_per_stage)
     }
 
+    fn outputs_maps(&self) -> bool {
+        true
+    }
+
     fn split_table(&self) -> Vec<(usize, TableEntry)> {
         self.cuts()
             .iter()

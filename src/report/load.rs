@@ -34,6 +34,9 @@ pub(super) struct SummaryFile {
     pub(super) images_per_second: f64,
     #[serde(default)]
     pub(super) peak_memory_bytes: u64,
+    /// The resolved configuration the trainer embeds (used when `config.json` is missing).
+    #[serde(default)]
+    pub(super) config: Option<Value>,
 }
 
 /// The fields of a `metrics.jsonl` line the report uses.
@@ -41,6 +44,8 @@ pub(super) struct SummaryFile {
 #[serde(default)]
 pub(super) struct EpochLine {
     pub(super) epoch: usize,
+    /// Test accuracy after this epoch (a fraction).
+    pub(super) test_accuracy: Option<f64>,
     pub(super) grad_cosine: Vec<f64>,
     pub(super) bp_cosine: Vec<f64>,
 }
@@ -97,6 +102,10 @@ pub struct Run {
     pub warnings: Vec<String>,
     pub(super) summary: Option<SummaryFile>,
     pub(super) epochs: Vec<EpochLine>,
+    /// The run's configuration as far as known: `config.json`, else the copy in `summary.json`,
+    /// else the cell's in `sweep.json`; `model` and `data` from `summary.json`, else from the
+    /// preset in `sweep.json`, if it lacks them.
+    pub(super) config: Option<Value>,
 }
 
 impl Run {
@@ -115,6 +124,12 @@ impl Run {
     }
     pub(super) fn images_per_second(&self) -> Option<f64> {
         self.finished().map(|s| s.images_per_second)
+    }
+    /// Mean over boundaries of the last epoch's gradient cosine (finished runs with K > 1 and
+    /// diagnostics in the last epoch only).
+    pub(super) fn final_grad_cosine(&self) -> Option<f64> {
+        let v = self.final_discord(|e| &e.grad_cosine)?;
+        (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
     }
     /// The last epoch's per-boundary value picked by `pick`, if it has K-1 entries.
     pub(super) fn final_discord(&self, pick: fn(&EpochLine) -> &Vec<f64>) -> Option<&[f64]> {
@@ -173,7 +188,7 @@ fn identity_of(v: &Value) -> Option<(String, usize, u64)> {
 fn load_run(
     dir: &Path,
     name: &str,
-    expected: Option<&(String, usize, u64)>,
+    expected: Option<&Cell>,
     notes: &mut Vec<String>,
 ) -> Option<Run> {
     let mut warnings = Vec::new();
@@ -222,7 +237,7 @@ fn load_run(
         .and_then(|s| s.as_ref())
         .map(|s| (s.rule.clone(), s.modules, s.seed))
         .or_else(|| config.as_ref().and_then(identity_of))
-        .or_else(|| expected.cloned())
+        .or_else(|| expected.map(|c| c.id.clone()))
         .or_else(|| parse_cell_name(name));
     let Some((rule, modules, seed)) = identity else {
         notes.push(format!(
@@ -230,6 +245,11 @@ fn load_run(
         ));
         return None;
     };
+    let config = known_config(
+        config,
+        summary.as_ref().ok().and_then(|s| s.as_ref()),
+        expected,
+    );
     let (state, summary) = match summary {
         Ok(Some(s)) => (RunState::Finished, Some(s)),
         Ok(None) => (
@@ -253,7 +273,38 @@ fn load_run(
         warnings,
         summary,
         epochs,
+        config,
     })
+}
+
+/// The best record of a run's configuration (see [`Run::config`]).
+fn known_config(
+    config_json: Option<Value>,
+    summary: Option<&SummaryFile>,
+    cell: Option<&Cell>,
+) -> Option<Value> {
+    let mut config = config_json
+        .filter(Value::is_object)
+        .or_else(|| {
+            summary
+                .and_then(|s| s.config.clone())
+                .filter(Value::is_object)
+        })
+        .or_else(|| cell.and_then(|c| c.config.clone()))?;
+    if let (Some(map), Some(s)) = (config.as_object_mut(), summary) {
+        for (key, value) in [("model", &s.model), ("data", &s.dataset)] {
+            if !map.contains_key(key) && !value.is_empty() {
+                map.insert(key.to_string(), Value::from(value.as_str()));
+            }
+        }
+    }
+    Some(config)
+}
+
+/// A cell that `sweep.json` lists: its identity and configuration.
+struct Cell {
+    id: (String, usize, u64),
+    config: Option<Value>,
 }
 
 /// Reads every run folder under `root` (and the cells `sweep.json` lists).
@@ -265,8 +316,10 @@ pub fn collect(root: &Path) -> Result<Runs> {
         )));
     }
     let mut notes = Vec::new();
-    let mut expected: BTreeMap<String, (String, usize, u64)> = BTreeMap::new();
+    let mut expected: BTreeMap<String, Cell> = BTreeMap::new();
     let mut title = String::new();
+    // The network and data of the whole sweep, for run configs that do not name them.
+    let mut preset_fill: Vec<(&str, Value)> = Vec::new();
     match read_json(&root.join("sweep.json")) {
         Ok(Some(v)) => {
             for c in v
@@ -278,10 +331,16 @@ pub fn collect(root: &Path) -> Result<Runs> {
                 if let (Some(name), Some(id)) =
                     (c.get("name").and_then(|n| n.as_str()), identity_of(c))
                 {
-                    expected.insert(name.to_string(), id);
+                    let config = c.get("config").filter(|v| v.is_object()).cloned();
+                    expected.insert(name.to_string(), Cell { id, config });
                 }
             }
             if let Some(p) = v.get("preset") {
+                for key in ["model", "data"] {
+                    if let Some(value) = p.get(key).filter(|v| v.is_string()) {
+                        preset_fill.push((key, value.clone()));
+                    }
+                }
                 let s = |k: &str| p.get(k).map(flag_text).unwrap_or_default();
                 title = format!("{} on {}, {} epochs", s("model"), s("data"), s("epochs"));
             }
@@ -307,7 +366,8 @@ pub fn collect(root: &Path) -> Result<Runs> {
             if let Some(run) = load_run(&dir, &name, expected.get(&name), &mut notes) {
                 runs.push(run);
             }
-        } else if let Some((rule, modules, seed)) = expected.get(&name).cloned() {
+        } else if let Some(cell) = expected.get(&name) {
+            let (rule, modules, seed) = cell.id.clone();
             runs.push(Run {
                 dir: name,
                 rule,
@@ -317,7 +377,15 @@ pub fn collect(root: &Path) -> Result<Runs> {
                 warnings: Vec::new(),
                 summary: None,
                 epochs: Vec::new(),
+                config: cell.config.clone(),
             });
+        }
+    }
+    for r in &mut runs {
+        if let Some(Value::Object(c)) = &mut r.config {
+            for (key, value) in &preset_fill {
+                c.entry(key.to_string()).or_insert_with(|| value.clone());
+            }
         }
     }
     if runs.is_empty() && notes.is_empty() {

@@ -8,12 +8,17 @@
 //!
 //! This module does not touch libtorch: it reads JSON, computes means, writes Markdown and
 //! draws with plotters (PNG and SVG, text in the bundled DejaVu Sans, so no system fonts are
-//! needed). `load` reads the folder, `tables` writes the sections, `plots` draws.
+//! needed). `load` reads the folder, `settings` groups runs into settings (configuration without
+//! the seed) and computes the study's statistics, `tables` and `study` write the sections and
+//! `report.json`, `plots` draws.
 mod load;
 mod plots;
+mod settings;
+mod study;
 mod tables;
 
 pub use load::{Run, RunState, Runs, collect};
+pub use settings::t_quantile;
 
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
@@ -36,6 +41,8 @@ pub fn mean_std(xs: &[f64]) -> Option<(f64, Option<f64>)> {
 pub struct Written {
     /// `report.md`.
     pub report: PathBuf,
+    /// `report.json`: the aggregated settings and paired comparisons.
+    pub json: PathBuf,
     /// The plots (PNG and SVG).
     pub plots: Vec<PathBuf>,
     /// Runs finished / all runs.
@@ -46,11 +53,13 @@ pub struct Written {
     pub not_used: Vec<(String, String)>,
 }
 
-/// Writes `report.md` and the plots for the sweep folder `root` into `out`.
+/// Writes `report.md`, `report.json` and the plots for the sweep folder `root` into `out`.
 pub fn write(root: &Path, out: &Path) -> Result<Written> {
     let runs = collect(root)?;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    let grid = Grid::new(&runs);
+    let settings = settings::settings(&runs);
+    let grid = Grid::new(&settings);
+    let study = study::Study::new(&settings);
     let mut doc = Doc {
         runs: &runs,
         out,
@@ -60,11 +69,16 @@ pub fn write(root: &Path, out: &Path) -> Result<Written> {
     };
     tables::header(&mut doc);
     tables::test_error(&mut doc, &grid)?;
+    study::settings_table(&mut doc, &grid, &study);
+    study::paired(&mut doc, &study);
+    study::lambda_plots(&mut doc, &study)?;
+    study::gap_scatter(&mut doc, &grid, &study)?;
     tables::memory(&mut doc, &grid)?;
     tables::discord(&mut doc, &grid)?;
     tables::head_accuracy(&mut doc, &grid)?;
-    tables::not_used(&mut doc);
+    tables::not_used(&mut doc, &grid);
     tables::sources(&mut doc, &grid);
+    let json = study::write_json(&doc, &study)?;
 
     let report = out.join("report.md");
     std::fs::write(&report, &doc.md).map_err(|e| Error::io(&report, e))?;
@@ -76,6 +90,7 @@ pub fn write(root: &Path, out: &Path) -> Result<Written> {
         .collect();
     Ok(Written {
         report,
+        json,
         plots: doc.plots,
         finished: runs.runs.iter().filter(|r| r.finished().is_some()).count(),
         total: runs.runs.len(),

@@ -83,6 +83,8 @@ pub(super) enum Figure {
     One(LineChart),
     /// Side by side, sharing the y range.
     Panels(Vec<LineChart>),
+    /// Points only (no lines, no error bars).
+    Scatter(LineChart),
 }
 
 const FONT: &str = "sans-serif";
@@ -97,6 +99,27 @@ fn ensure_font() {
             include_bytes!("../../assets/DejaVuSans.ttf"),
         );
     });
+}
+
+/// Colours for settings that are not a plain rule: distinct for up to nine (none black or
+/// dgl's blue, so that those stay the references), then a ramp.
+pub(super) fn setting_color(i: usize, n: usize) -> RGBColor {
+    const PALETTE: [RGBColor; 9] = [
+        RGBColor(214, 39, 40),
+        RGBColor(255, 127, 14),
+        RGBColor(44, 160, 44),
+        RGBColor(148, 103, 189),
+        RGBColor(140, 86, 75),
+        RGBColor(227, 119, 194),
+        RGBColor(188, 189, 34),
+        RGBColor(23, 190, 207),
+        RGBColor(127, 127, 127),
+    ];
+    if n <= PALETTE.len() {
+        PALETTE[i % PALETTE.len()]
+    } else {
+        sequence_color(i, n)
+    }
 }
 
 /// Colours for `n` ordered items (boundaries): distinct for a few, a blue→orange ramp for many.
@@ -125,6 +148,31 @@ pub(super) fn int_ticks(lo: usize, hi: usize) -> Vec<(f64, String)> {
     (lo..=hi)
         .step_by(step)
         .map(|i| (i as f64, i.to_string()))
+        .collect()
+}
+
+/// About `n` ticks at round values (1, 2 or 5 × a power of ten) spanning `lo..=hi`, labelled
+/// with enough decimals for their step.
+pub(super) fn round_ticks(lo: f64, hi: f64, n: usize) -> Vec<(f64, String)> {
+    let span = hi - lo;
+    if !(span.is_finite() && span > 0.0) {
+        return vec![(lo, format!("{lo}"))];
+    }
+    let raw = span / n.max(1) as f64;
+    let mag = 10f64.powf(raw.log10().floor());
+    let step = [1.0, 2.0, 5.0, 10.0]
+        .iter()
+        .map(|m| m * mag)
+        .find(|s| *s >= raw)
+        .unwrap_or(10.0 * mag);
+    let decimals = (-step.log10()).ceil().max(0.0) as usize;
+    let first = (lo / step).ceil() as i64;
+    let last = (hi / step).floor() as i64;
+    (first..=last)
+        .map(|i| {
+            let x = i as f64 * step;
+            (x, format!("{x:.decimals$}"))
+        })
         .collect()
 }
 
@@ -171,6 +219,7 @@ fn draw_chart<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
     c: &LineChart,
     (y0, y1): (f64, f64),
+    scatter: bool,
 ) -> DrawResult {
     let err = |e: DrawingAreaErrorKind<DB::ErrorType>| e.to_string();
     let (x0, x1) = c.x_range;
@@ -211,6 +260,15 @@ fn draw_chart<DB: DrawingBackend>(
     for s in &c.series {
         let style = s.color.stroke_width(2);
         let pts: Vec<(f64, f64)> = s.points.iter().map(|p| (p.0, p.1)).collect();
+        if scatter {
+            let fill = s.color.mix(0.75).filled();
+            chart
+                .draw_series(pts.iter().map(|&p| Circle::new(p, 4, fill)))
+                .map_err(err)?
+                .label(s.label.as_str())
+                .legend(move |(x, y)| Circle::new((x + 9, y), 4, fill));
+            continue;
+        }
         chart
             .draw_series(LineSeries::new(pts.clone(), style))
             .map_err(err)?
@@ -248,7 +306,7 @@ fn draw_chart<DB: DrawingBackend>(
     if c.series.len() + c.hlines.len() <= 12 {
         chart
             .configure_series_labels()
-            .position(legend_corner(c, (x0, x1), (y0, y1)))
+            .position(legend_corner(c, (x0, x1), (y0, y1), scatter))
             .background_style(WHITE.mix(0.85))
             .border_style(BLACK.mix(0.4))
             .label_font((FONT, 13))
@@ -258,15 +316,23 @@ fn draw_chart<DB: DrawingBackend>(
     Ok(())
 }
 
-/// The corner of the plot where the legend covers the fewest data points.
-fn legend_corner(c: &LineChart, (x0, x1): (f64, f64), (y0, y1): (f64, f64)) -> SeriesLabelPosition {
+/// The corner of the plot where the legend covers the fewest data points. A reference line
+/// counts as 21 points along its length, or (in a scatter, where each point is a run that the
+/// legend must not hide) as one point at each end.
+fn legend_corner(
+    c: &LineChart,
+    (x0, x1): (f64, f64),
+    (y0, y1): (f64, f64),
+    scatter: bool,
+) -> SeriesLabelPosition {
     let mut pts: Vec<(f64, f64)> = c
         .series
         .iter()
         .flat_map(|s| s.points.iter().map(|p| (p.0, p.1)))
         .collect();
+    let samples = if scatter { 1 } else { 20 };
     for h in &c.hlines {
-        pts.extend((0..=20).map(|i| (x0 + (x1 - x0) * i as f64 / 20.0, h.2)));
+        pts.extend((0..=samples).map(|i| (x0 + (x1 - x0) * i as f64 / samples as f64, h.2)));
     }
     let norm = |(x, y): (f64, f64)| ((x - x0) / (x1 - x0), (y - y0) / (y1 - y0));
     let corners = [
@@ -294,7 +360,11 @@ fn draw_figure<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, fig: &Figure) 
     match fig {
         Figure::One(c) => {
             let y = padded(c.y_extent().unwrap_or((0.0, 1.0)), c.y_from_zero);
-            draw_chart(root, c, y)
+            draw_chart(root, c, y, false)
+        }
+        Figure::Scatter(c) => {
+            let y = padded(c.y_extent().unwrap_or((0.0, 1.0)), c.y_from_zero);
+            draw_chart(root, c, y, true)
         }
         Figure::Panels(panels) => {
             let extent = panels
@@ -305,7 +375,7 @@ fn draw_figure<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, fig: &Figure) 
             let y = padded(extent, false);
             let areas = root.split_evenly((1, panels.len().max(1)));
             for (area, c) in areas.iter().zip(panels) {
-                draw_chart(area, c, y)?;
+                draw_chart(area, c, y, false)?;
             }
             Ok(())
         }
@@ -316,7 +386,7 @@ fn draw_figure<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, fig: &Figure) 
 pub(super) fn save(fig: &Figure, dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
     ensure_font();
     let size = match fig {
-        Figure::One(_) => (800, 520),
+        Figure::One(_) | Figure::Scatter(_) => (800, 520),
         Figure::Panels(p) => (560 * p.len().max(1) as u32, 480),
     };
     let png = dir.join(format!("{stem}.png"));

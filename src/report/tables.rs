@@ -1,10 +1,15 @@
-//! The sections of `report.md` built on the rule × K grid: test error, memory and throughput,
-//! gradient discord, per-module head accuracy, runs not used and sources. Each section appends
+//! The sections of `report.md` built on the setting × K grid (rule × K when nothing else
+//! varies): test error, memory and throughput, gradient discord, per-module head accuracy, runs
+//! not used and sources. Each section appends
 //! Markdown to a [`Doc`] and draws its plots into the report folder.
 use super::load::{Run, RunState, Runs};
 use super::mean_std;
-use super::plots::{Figure, LineChart, Series, int_ticks, rule_color, save, sequence_color};
+use super::plots::{
+    Figure, LineChart, Series, int_ticks, rule_color, save, sequence_color, setting_color,
+};
+use super::settings::{Setting, Settings, pairing_key};
 use crate::Result;
+use plotters::style::{BLACK, RGBColor};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -27,56 +32,6 @@ impl Doc<'_> {
     }
 }
 
-fn rule_rank(rule: &str) -> usize {
-    match rule {
-        "bp" => 0,
-        "dgl" => 1,
-        "sgr" => 2,
-        _ => 3,
-    }
-}
-
-/// The runs of one (rule, K) cell of the grid, over seeds.
-pub(super) struct Group<'a> {
-    pub(super) rule: &'a str,
-    pub(super) k: usize,
-    pub(super) runs: Vec<&'a Run>,
-}
-
-impl<'a> Group<'a> {
-    fn finished(&self) -> Vec<&'a Run> {
-        self.runs
-            .iter()
-            .copied()
-            .filter(|r| r.finished().is_some())
-            .collect()
-    }
-    fn values(&self, f: impl Fn(&Run) -> Option<f64>) -> Vec<f64> {
-        self.runs.iter().filter_map(|r| f(r)).collect()
-    }
-    fn mean(&self, f: impl Fn(&Run) -> Option<f64>) -> Option<f64> {
-        mean_std(&self.values(f)).map(|m| m.0)
-    }
-    fn used(&self) -> String {
-        names(&self.finished())
-    }
-    /// Mean over finished seeds of a per-index vector (only runs where it has `len` entries).
-    fn mean_vec(&self, len: usize, f: impl Fn(&Run) -> Option<&[f64]>) -> (Vec<f64>, Vec<&'a Run>) {
-        let picked: Vec<(&Run, &[f64])> = self
-            .runs
-            .iter()
-            .filter_map(|r| f(r).filter(|v| v.len() == len).map(|v| (*r, v)))
-            .collect();
-        let mean = (0..len)
-            .map(|i| picked.iter().map(|(_, v)| v[i]).sum::<f64>() / picked.len().max(1) as f64)
-            .collect();
-        (mean, picked.into_iter().map(|(r, _)| r).collect())
-    }
-    fn is_local(&self) -> bool {
-        self.rule != "bp"
-    }
-}
-
 /// `` `a`, `b` `` for the run folders, `–` for none.
 pub(super) fn names(runs: &[&Run]) -> String {
     if runs.is_empty() {
@@ -89,78 +44,160 @@ pub(super) fn names(runs: &[&Run]) -> String {
     }
 }
 
-/// A statistic of a group for a plot: mean and optional ± error.
-type GroupStat<'f> = dyn Fn(&Group) -> Option<(f64, Option<f64>)> + 'f;
+/// Mean over finished seeds of a per-index vector (only runs where it has `len` entries), and
+/// the runs used.
+fn mean_vec<'a>(
+    s: &Setting<'a>,
+    len: usize,
+    f: impl Fn(&Run) -> Option<&[f64]>,
+) -> (Vec<f64>, Vec<&'a Run>) {
+    let picked: Vec<(&Run, &[f64])> = s
+        .runs
+        .iter()
+        .filter_map(|r| f(r).filter(|v| v.len() == len).map(|v| (*r, v)))
+        .collect();
+    let mean = (0..len)
+        .map(|i| picked.iter().map(|(_, v)| v[i]).sum::<f64>() / picked.len().max(1) as f64)
+        .collect();
+    (mean, picked.into_iter().map(|(r, _)| r).collect())
+}
 
-/// One rule's column of a gradient-discord table: rule, grad cos and bp cos per boundary, and
-/// the runs they came from.
+/// A statistic of a setting for a plot: mean and optional ± error.
+type Stat<'f> = dyn Fn(&Setting) -> Option<(f64, Option<f64>)> + 'f;
+
+/// One setting's column of a gradient-discord table: label, grad cos and bp cos per boundary,
+/// and the runs they came from.
 type DiscordColumn<'a> = (&'a str, Vec<f64>, Vec<f64>, Vec<&'a Run>);
 
-/// The rule × K grid of a sweep: its groups in table order, and the Ks and rules present.
+/// At most this many settings get a panel of gradient cosine over epochs or a line of head
+/// accuracy (more would not be readable).
+const MAX_SHOWN: usize = 6;
+
+/// With more settings than this at one K, a gradient-discord table has a row per setting
+/// instead of two columns per setting.
+const MAX_DISCORD_COLUMNS: usize = 4;
+
+/// The settings × K grid of a sweep (the rule × K grid when only rule and K vary): its rows in
+/// table order, the Ks present and a colour per row.
 pub(super) struct Grid<'a> {
-    pub(super) groups: Vec<Group<'a>>,
+    pub(super) settings: &'a Settings<'a>,
     ks: BTreeSet<usize>,
-    rules: Vec<&'a str>,
-    /// The Ks of local rules with at least one finished run (the x axis of the K plots).
+    /// Distinct labels in table order.
+    labels: Vec<&'a str>,
+    /// The Ks of local settings with at least one finished run (the x axis of the K plots).
     local_ks: Vec<usize>,
+    colors: BTreeMap<&'a str, RGBColor>,
 }
 
 impl<'a> Grid<'a> {
-    pub(super) fn new(runs: &'a Runs) -> Self {
-        let mut map: BTreeMap<(usize, &str, usize), Vec<&Run>> = BTreeMap::new();
-        for r in &runs.runs {
-            map.entry((rule_rank(&r.rule), r.rule.as_str(), r.modules))
-                .or_default()
-                .push(r);
-        }
-        let groups: Vec<Group> = map
-            .into_iter()
-            .map(|((_, rule, k), mut runs)| {
-                runs.sort_by_key(|r| r.seed);
-                Group { rule, k, runs }
-            })
-            .collect();
-        let ks = groups.iter().map(|g| g.k).collect();
-        let mut rules: Vec<&str> = groups.iter().map(|g| g.rule).collect();
-        rules.dedup();
-        let local_ks = groups
+    pub(super) fn new(settings: &'a Settings<'a>) -> Self {
+        let list = &settings.list;
+        let ks = list.iter().map(|s| s.k).collect();
+        let mut labels: Vec<&str> = list.iter().map(|s| s.label.as_str()).collect();
+        labels.dedup();
+        let local_ks = list
             .iter()
-            .filter(|g| g.is_local() && !g.finished().is_empty())
-            .map(|g| g.k)
+            .filter(|s| s.is_local() && !s.finished().is_empty())
+            .map(|s| s.k)
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
+        // Plain `bp` and `dgl` keep their colours; every other label gets its own.
+        let mut colors = BTreeMap::new();
+        let others: Vec<&str> = labels
+            .iter()
+            .copied()
+            .filter(|l| !(settings.labels_are_rules() || matches!(*l, "bp" | "dgl")))
+            .collect();
+        for s in list {
+            let color = match others.iter().position(|l| *l == s.label) {
+                Some(i) => setting_color(i, others.len()),
+                None => rule_color(s.rule),
+            };
+            colors.insert(s.label.as_str(), color);
+        }
         Grid {
-            groups,
+            settings,
             ks,
-            rules,
+            labels,
             local_ks,
+            colors,
         }
     }
-    fn find(&self, rule: &str, k: usize) -> Option<&Group<'a>> {
-        self.groups.iter().find(|g| g.rule == rule && g.k == k)
+    fn list(&self) -> &'a [Setting<'a>] {
+        &self.settings.list
     }
-    fn bp(&self) -> Option<&Group<'a>> {
-        self.find("bp", 1)
+    /// "rule" for an old rule × K grid, "setting" when rows are finer than rules.
+    pub(super) fn row_name(&self) -> &'static str {
+        if self.settings.labels_are_rules() {
+            "rule"
+        } else {
+            "setting"
+        }
     }
-    fn bp_error(&self) -> Option<(f64, Option<f64>)> {
-        self.bp().and_then(|g| mean_std(&g.values(Run::test_error)))
+    pub(super) fn color(&self, label: &str) -> RGBColor {
+        self.colors.get(label).copied().unwrap_or(BLACK)
     }
-    fn local_rules(&self) -> Vec<&'a str> {
-        self.rules.iter().copied().filter(|r| *r != "bp").collect()
+    fn find(&self, label: &str, k: usize) -> Option<&'a Setting<'a>> {
+        self.list().iter().find(|s| s.label == label && s.k == k)
     }
-    /// One series per local rule of a statistic over K (x = log2 K).
-    fn k_points(&self, f: &GroupStat) -> Vec<Series> {
-        self.local_rules()
+    /// The whole-network `bp` settings.
+    fn bps(&self) -> impl Iterator<Item = &'a Setting<'a>> {
+        self.list().iter().filter(|s| s.rule == "bp" && s.k == 1)
+    }
+    /// The `bp` setting of the same data, network and recipe as `s`.
+    fn bp_for(&self, s: &Setting) -> Option<&'a Setting<'a>> {
+        let key = pairing_key(&s.fields, true);
+        self.bps().find(|b| pairing_key(&b.fields, true) == key)
+    }
+    /// Dashed reference lines at `f` of each bp setting.
+    fn bp_lines(&self, f: impl Fn(&Setting) -> Option<f64>) -> Vec<(String, RGBColor, f64)> {
+        self.bps()
+            .filter_map(|b| f(b).map(|v| (format!("{} (K=1)", b.label), rule_color("bp"), v)))
+            .collect()
+    }
+    fn local_labels(&self) -> Vec<&'a str> {
+        self.labels
+            .iter()
+            .copied()
+            .filter(|l| self.list().iter().any(|s| s.label == *l && s.is_local()))
+            .collect()
+    }
+    /// The local settings at K with finished runs passing `keep`; with more than
+    /// [`MAX_SHOWN`], the `dgl` ones and then those of lowest mean test error. Also whether
+    /// some were left out.
+    fn shown_at(&self, k: usize, keep: impl Fn(&Run) -> bool) -> (Vec<&'a Setting<'a>>, bool) {
+        let mut at: Vec<&Setting> = self
+            .list()
+            .iter()
+            .filter(|s| s.k == k && s.is_local() && s.finished().iter().any(|r| keep(r)))
+            .collect();
+        if at.len() <= MAX_SHOWN {
+            return (at, false);
+        }
+        let mut ranked = at.clone();
+        ranked.sort_by(|a, b| {
+            let e = |s: &Setting| s.mean(Run::test_error).unwrap_or(f64::INFINITY);
+            (a.rule != "dgl")
+                .cmp(&(b.rule != "dgl"))
+                .then(e(a).total_cmp(&e(b)))
+        });
+        ranked.truncate(MAX_SHOWN);
+        at.retain(|s| ranked.iter().any(|r| std::ptr::eq(*r, *s)));
+        (at, true)
+    }
+    /// One series per local label of a statistic over K (x = log2 K).
+    fn k_points(&self, f: &Stat) -> Vec<Series> {
+        self.local_labels()
             .into_iter()
-            .map(|rule| Series {
-                label: rule.to_string(),
-                color: rule_color(rule),
+            .map(|label| Series {
+                label: label.to_string(),
+                color: self.color(label),
                 points: self
-                    .groups
+                    .list()
                     .iter()
-                    .filter(|g| g.rule == rule)
-                    .filter_map(|g| f(g).map(|(m, s)| ((g.k as f64).log2(), m, s)))
+                    .filter(|s| s.label == label)
+                    .filter_map(|s| f(s).map(|(m, sd)| ((s.k as f64).log2(), m, sd)))
                     .collect(),
             })
             .filter(|s| !s.points.is_empty())
@@ -177,6 +214,13 @@ impl<'a> Grid<'a> {
         let hi = ticks.last().map_or(1.0, |t| t.0);
         let pad = ((hi - lo) * 0.08).max(0.5);
         (ticks, (lo - pad, hi + pad))
+    }
+    /// The label of the setting a run belongs to.
+    fn label_of(&self, run: &Run) -> &'a str {
+        self.list()
+            .iter()
+            .find(|s| s.runs.iter().any(|r| std::ptr::eq(*r, run)))
+            .map_or("", |s| s.label.as_str())
     }
 }
 
@@ -220,7 +264,7 @@ pub(super) fn header(doc: &mut Doc) {
     );
 }
 
-/// Test error table (rows = rule, columns = K) and its plot over K.
+/// Test error table (rows = setting, columns = K) and its plot over K.
 pub(super) fn test_error(doc: &mut Doc, grid: &Grid) -> Result<()> {
     let md = &mut doc.md;
     let _ = writeln!(md, "## Test error (%)\n");
@@ -230,7 +274,7 @@ pub(super) fn test_error(doc: &mut Doc, grid: &Grid) -> Result<()> {
          `–`: no finished run for a cell of the grid; `(n of m seeds)`: only n of its m runs finished. \
          bp trains the whole network (K = 1).\n"
     );
-    let _ = write!(md, "| rule |");
+    let _ = write!(md, "| {} |", grid.row_name());
     for k in &grid.ks {
         let _ = write!(md, " K={k} |");
     }
@@ -239,18 +283,18 @@ pub(super) fn test_error(doc: &mut Doc, grid: &Grid) -> Result<()> {
         let _ = write!(md, "---|");
     }
     md.push('\n');
-    for rule in &grid.rules {
-        let _ = write!(md, "| {rule} |");
+    for label in &grid.labels {
+        let _ = write!(md, "| {label} |");
         for &k in &grid.ks {
-            let cell = grid.find(rule, k).map_or(String::new(), |g| {
-                fmt_stat(&g.values(Run::test_error), g.runs.len(), 2)
+            let cell = grid.find(label, k).map_or(String::new(), |s| {
+                fmt_stat(&s.values(Run::test_error), s.runs.len(), 2)
             });
             let _ = write!(md, " {cell} |");
         }
         md.push('\n');
     }
     md.push('\n');
-    let error_series = grid.k_points(&|g| mean_std(&g.values(Run::test_error)));
+    let error_series = grid.k_points(&|s| mean_std(&s.values(Run::test_error)));
     if !error_series.is_empty() {
         let (ticks, x_range) = grid.k_axis();
         let chart = LineChart {
@@ -261,11 +305,7 @@ pub(super) fn test_error(doc: &mut Doc, grid: &Grid) -> Result<()> {
             x_range,
             y_from_zero: false,
             series: error_series,
-            hlines: grid
-                .bp_error()
-                .map(|(m, _)| ("bp (K=1)".to_string(), rule_color("bp"), m))
-                .into_iter()
-                .collect(),
+            hlines: grid.bp_lines(|b| b.mean(Run::test_error)),
         };
         doc.save(&Figure::One(chart), "test_error_vs_k")?;
         let _ = writeln!(
@@ -279,10 +319,8 @@ pub(super) fn test_error(doc: &mut Doc, grid: &Grid) -> Result<()> {
     Ok(())
 }
 
-/// Peak memory and images/s per rule and K, with ratios to bp, and the memory plot.
+/// Peak memory and images/s per setting and K, with ratios to bp, and the memory plot.
 pub(super) fn memory(doc: &mut Doc, grid: &Grid) -> Result<()> {
-    let bp_mem = grid.bp().and_then(|g| g.mean(Run::peak_mib));
-    let bp_ips = grid.bp().and_then(|g| g.mean(Run::images_per_second));
     let md = &mut doc.md;
     let _ = writeln!(md, "## Memory and throughput\n");
     let _ = writeln!(
@@ -292,11 +330,13 @@ pub(super) fn memory(doc: &mut Doc, grid: &Grid) -> Result<()> {
     );
     let _ = writeln!(
         md,
-        "| rule | K | peak memory (MiB) | vs bp | images/s | vs bp | finished |\n|---|---|---|---|---|---|---|"
+        "| {} | K | peak memory (MiB) | vs bp | images/s | vs bp | finished |\n|---|---|---|---|---|---|---|",
+        grid.row_name()
     );
-    for g in &grid.groups {
-        let mem = g.mean(Run::peak_mib);
-        let ips = g.mean(Run::images_per_second);
+    for s in grid.list() {
+        let bp = grid.bp_for(s);
+        let mem = s.mean(Run::peak_mib);
+        let ips = s.mean(Run::images_per_second);
         let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
             (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
             _ => "–".into(),
@@ -304,18 +344,18 @@ pub(super) fn memory(doc: &mut Doc, grid: &Grid) -> Result<()> {
         let _ = writeln!(
             md,
             "| {} | {} | {} | {} | {} | {} | {} of {} |",
-            g.rule,
-            g.k,
+            s.label,
+            s.k,
             fmt_opt(mem, 1),
-            ratio(mem, bp_mem),
+            ratio(mem, bp.and_then(|b| b.mean(Run::peak_mib))),
             fmt_opt(ips, 0),
-            ratio(ips, bp_ips),
-            g.finished().len(),
-            g.runs.len()
+            ratio(ips, bp.and_then(|b| b.mean(Run::images_per_second))),
+            s.finished().len(),
+            s.runs.len()
         );
     }
     md.push('\n');
-    let mem_series = grid.k_points(&|g| g.mean(Run::peak_mib).map(|m| (m, None)));
+    let mem_series = grid.k_points(&|s| s.mean(Run::peak_mib).map(|m| (m, None)));
     if !mem_series.is_empty() {
         let (ticks, x_range) = grid.k_axis();
         let chart = LineChart {
@@ -326,10 +366,7 @@ pub(super) fn memory(doc: &mut Doc, grid: &Grid) -> Result<()> {
             x_range,
             y_from_zero: true,
             series: mem_series,
-            hlines: bp_mem
-                .map(|m| ("bp (K=1)".to_string(), rule_color("bp"), m))
-                .into_iter()
-                .collect(),
+            hlines: grid.bp_lines(|b| b.mean(Run::peak_mib)),
         };
         doc.save(&Figure::One(chart), "peak_memory_vs_k")?;
         let _ = writeln!(
@@ -350,24 +387,28 @@ pub(super) fn discord(doc: &mut Doc, grid: &Grid) -> Result<()> {
          **grad cos** = cos(∂L_{{b+1}}/∂h_b, ∂L_b/∂h_b), how well module b's local gradient agrees with what module b+1 \
          wants of its input; **bp cos** = cos(∂L_b/∂h_b, global-BP gradient at h_b). 1 is perfect agreement.\n"
     );
-    let local_rules = grid.local_rules();
     let mut sources: Vec<String> = Vec::new();
     for &k in grid.ks.iter().filter(|k| **k > 1) {
-        let cols: Vec<DiscordColumn> = local_rules
+        let cols: Vec<DiscordColumn> = grid
+            .list()
             .iter()
-            .filter_map(|rule| {
-                let g = grid.find(rule, k)?;
-                let (gc, used) = g.mean_vec(k - 1, |r| r.final_discord(|e| &e.grad_cosine));
-                let (bc, _) = g.mean_vec(k - 1, |r| r.final_discord(|e| &e.bp_cosine));
-                (!used.is_empty()).then_some((*rule, gc, bc, used))
+            .filter(|s| s.k == k && s.is_local())
+            .filter_map(|s| {
+                let (gc, used) = mean_vec(s, k - 1, |r| r.final_discord(|e| &e.grad_cosine));
+                let (bc, _) = mean_vec(s, k - 1, |r| r.final_discord(|e| &e.bp_cosine));
+                (!used.is_empty()).then_some((s.label.as_str(), gc, bc, used))
             })
             .collect();
         if cols.is_empty() {
             continue;
         }
-        discord_table(md, k, &cols);
-        for (rule, _, _, used) in &cols {
-            sources.push(format!("{rule} K={k}: {}", names(used)));
+        if cols.len() <= MAX_DISCORD_COLUMNS {
+            discord_table(md, k, &cols);
+        } else {
+            discord_rows(md, k, &cols, grid.row_name());
+        }
+        for (label, _, _, used) in &cols {
+            sources.push(format!("{label} K={k}: {}", names(used)));
         }
     }
     if sources.is_empty() {
@@ -382,14 +423,15 @@ pub(super) fn discord(doc: &mut Doc, grid: &Grid) -> Result<()> {
     discord_curves(doc, grid)
 }
 
+/// Boundaries as rows, two columns (grad cos, bp cos) per setting.
 fn discord_table(md: &mut String, k: usize, cols: &[DiscordColumn]) {
     let _ = writeln!(md, "### K = {k}\n");
     let _ = write!(md, "| boundary |");
-    for (rule, ..) in cols {
-        let _ = write!(md, " {rule} grad cos |");
+    for (label, ..) in cols {
+        let _ = write!(md, " {label} grad cos |");
     }
-    for (rule, ..) in cols {
-        let _ = write!(md, " {rule} bp cos |");
+    for (label, ..) in cols {
+        let _ = write!(md, " {label} bp cos |");
     }
     let _ = write!(md, "\n|---|");
     for _ in 0..2 * cols.len() {
@@ -409,32 +451,51 @@ fn discord_table(md: &mut String, k: usize, cols: &[DiscordColumn]) {
     md.push('\n');
 }
 
+/// Settings as rows (for many settings): one table of grad cos and one of bp cos, a column per
+/// boundary.
+fn discord_rows(md: &mut String, k: usize, cols: &[DiscordColumn], row_name: &str) {
+    let _ = writeln!(md, "### K = {k}\n");
+    for (what, pick) in [("grad cos", 1), ("bp cos", 2)] {
+        let _ = write!(md, "| {row_name} ({what}) |");
+        for b in 0..k - 1 {
+            let _ = write!(md, " {}→{} |", b + 1, b + 2);
+        }
+        let _ = write!(md, " mean |\n|---|");
+        for _ in 0..k {
+            let _ = write!(md, "---|");
+        }
+        md.push('\n');
+        for (label, gc, bc, _) in cols {
+            let v = if pick == 1 { gc } else { bc };
+            let _ = write!(md, "| {label} |");
+            for x in v {
+                let _ = write!(md, " {x:.3} |");
+            }
+            let _ = writeln!(md, " {:.3} |", v.iter().sum::<f64>() / v.len() as f64);
+        }
+        md.push('\n');
+    }
+}
+
 /// Gradient cosine per boundary over epochs at the largest K with diagnostics, one panel per
-/// local rule.
+/// local setting (at most [`MAX_SHOWN`]).
 fn discord_curves(doc: &mut Doc, grid: &Grid) -> Result<()> {
-    let local_rules = grid.local_rules();
     let has_diag = |r: &Run, k: usize| r.epochs.iter().any(|e| e.grad_cosine.len() + 1 == k);
     let discord_k = grid.ks.iter().rev().copied().filter(|k| *k > 1).find(|&k| {
-        local_rules.iter().any(|rule| {
-            grid.find(rule, k)
-                .is_some_and(|g| g.finished().iter().any(|r| has_diag(r, k)))
-        })
+        grid.list()
+            .iter()
+            .any(|s| s.k == k && s.is_local() && s.finished().iter().any(|r| has_diag(r, k)))
     });
     let Some(k) = discord_k else { return Ok(()) };
+    let (shown, cut) = grid.shown_at(k, |r| has_diag(r, k));
     let mut panels = Vec::new();
     let mut sources = Vec::new();
-    for rule in &local_rules {
-        let Some(g) = grid.find(rule, k) else {
-            continue;
-        };
-        let used: Vec<&Run> = g
+    for s in shown {
+        let used: Vec<&Run> = s
             .finished()
             .into_iter()
             .filter(|r| has_diag(r, k))
             .collect();
-        if used.is_empty() {
-            continue;
-        }
         let max_epoch = used
             .iter()
             .flat_map(|r| r.epochs.iter().map(|e| e.epoch))
@@ -457,12 +518,13 @@ fn discord_curves(doc: &mut Doc, grid: &Grid) -> Result<()> {
                     .collect(),
             })
             .collect();
-        sources.push(format!("{rule} K={k}: {}", names(&used)));
+        let label = &s.label;
+        sources.push(format!("{label} K={k}: {}", names(&used)));
         panels.push(LineChart {
             title: if k - 1 > 8 {
-                format!("{rule}, K={k} (boundaries: blue shallow → orange deep)")
+                format!("{label}, K={k} (boundaries: blue shallow → orange deep)")
             } else {
-                format!("{rule}, K={k}")
+                format!("{label}, K={k}")
             },
             x_desc: "epoch".into(),
             y_desc: "grad cosine".into(),
@@ -477,7 +539,12 @@ fn discord_curves(doc: &mut Doc, grid: &Grid) -> Result<()> {
     let _ = writeln!(
         doc.md,
         "![Gradient cosine per boundary over epochs](grad_cosine_over_epochs.png)\n\n\
-         Gradient cosine (grad cos) per boundary over epochs at K = {k}, mean over finished seeds ([SVG](grad_cosine_over_epochs.svg)).\n"
+         Gradient cosine (grad cos) per boundary over epochs at K = {k}, mean over finished seeds{} ([SVG](grad_cosine_over_epochs.svg)).\n",
+        if cut {
+            format!("; dgl and the local settings of lowest test error, {MAX_SHOWN} in all")
+        } else {
+            String::new()
+        }
     );
     doc.plot_sources.push(format!(
         "`grad_cosine_over_epochs` (metrics.jsonl): {}",
@@ -493,39 +560,41 @@ pub(super) fn head_accuracy(doc: &mut Doc, grid: &Grid) -> Result<()> {
         let _ = writeln!(doc.md, "No finished run with K > 1.\n");
         return Ok(());
     };
+    let heads = |r: &Run| r.finished().map(|s| s.module_test_accuracy.len() == k) == Some(true);
+    let (shown, cut) = grid.shown_at(k, heads);
     let mut series = Vec::new();
     let mut cols = Vec::new();
     let mut sources = Vec::new();
-    for rule in grid.local_rules() {
-        let Some(g) = grid.find(rule, k) else {
-            continue;
-        };
-        let (acc, used) = g.mean_vec(k, |r| {
+    for s in shown {
+        let (acc, used) = mean_vec(s, k, |r| {
             r.finished().map(|s| s.module_test_accuracy.as_slice())
         });
-        if used.is_empty() {
-            continue;
-        }
-        sources.push(format!("{rule} K={k}: {}", names(&used)));
+        let label = s.label.as_str();
+        sources.push(format!("{label} K={k}: {}", names(&used)));
         series.push(Series {
-            label: rule.to_string(),
-            color: rule_color(rule),
+            label: label.to_string(),
+            color: grid.color(label),
             points: acc
                 .iter()
                 .enumerate()
                 .map(|(i, a)| ((i + 1) as f64, 100.0 * a, None))
                 .collect(),
         });
-        cols.push((rule, acc));
+        cols.push((label, acc));
     }
     let md = &mut doc.md;
     let _ = writeln!(
         md,
-        "Final test accuracy (%) of each module's head at K = {k} (module K's head is the network's classifier), mean over finished seeds.\n"
+        "Final test accuracy (%) of each module's head at K = {k} (module K's head is the network's classifier), mean over finished seeds{}.\n",
+        if cut {
+            format!("; dgl and the local settings of lowest test error, {MAX_SHOWN} in all")
+        } else {
+            String::new()
+        }
     );
     let _ = write!(md, "| module |");
-    for (rule, _) in &cols {
-        let _ = write!(md, " {rule} |");
+    for (label, _) in &cols {
+        let _ = write!(md, " {label} |");
     }
     let _ = write!(md, "\n|---|");
     for _ in &cols {
@@ -551,11 +620,7 @@ pub(super) fn head_accuracy(doc: &mut Doc, grid: &Grid) -> Result<()> {
         x_range: (0.6, k as f64 + 0.4),
         y_from_zero: false,
         series,
-        hlines: grid
-            .bp_error()
-            .map(|(e, _)| ("bp (K=1)".to_string(), rule_color("bp"), 100.0 - e))
-            .into_iter()
-            .collect(),
+        hlines: grid.bp_lines(|b| b.mean(Run::test_error).map(|e| 100.0 - e)),
     };
     doc.save(&Figure::One(chart), "head_accuracy_vs_depth")?;
     let _ = writeln!(
@@ -570,7 +635,7 @@ pub(super) fn head_accuracy(doc: &mut Doc, grid: &Grid) -> Result<()> {
 }
 
 /// Runs without a usable summary, with their state, and the folders that were not runs.
-pub(super) fn not_used(doc: &mut Doc) {
+pub(super) fn not_used(doc: &mut Doc, grid: &Grid) {
     let runs = doc.runs;
     let md = &mut doc.md;
     let _ = writeln!(md, "## Runs not used\n");
@@ -585,14 +650,15 @@ pub(super) fn not_used(doc: &mut Doc) {
     }
     let _ = writeln!(
         md,
-        "| run folder | rule | K | seed | state |\n|---|---|---|---|---|"
+        "| run folder | {} | K | seed | state |\n|---|---|---|---|---|",
+        grid.row_name()
     );
     for r in unused {
         let _ = writeln!(
             md,
             "| `{}` | {} | {} | {} | {} |",
             r.dir,
-            r.rule,
+            grid.label_of(r),
             r.modules,
             r.seed,
             r.state.to_string().replace('|', "\\|")
@@ -610,20 +676,21 @@ pub(super) fn not_used(doc: &mut Doc) {
 /// Which run folders every number came from, and every run with its own numbers.
 pub(super) fn sources(doc: &mut Doc, grid: &Grid) {
     let runs = doc.runs;
+    let row = grid.row_name();
     let md = &mut doc.md;
     let _ = writeln!(md, "## Sources\n");
     let _ = writeln!(
         md,
-        "Every number in the row of a rule and K above (test error, peak memory, images/s, gradient discord, head accuracy) \
+        "Every number in the row of a {row} and K above (test error, peak memory, images/s, gradient discord, head accuracy) \
          comes from these run folders (under `{}`) and no others; \"vs bp\" ratios also use the bp row's folders.\n",
         runs.root.display()
     );
     let _ = writeln!(
         md,
-        "| rule | K | run folders used | not used |\n|---|---|---|---|"
+        "| {row} | K | run folders used | not used |\n|---|---|---|---|"
     );
-    for g in &grid.groups {
-        let unused: Vec<&Run> = g
+    for s in grid.list() {
+        let unused: Vec<&Run> = s
             .runs
             .iter()
             .copied()
@@ -632,9 +699,9 @@ pub(super) fn sources(doc: &mut Doc, grid: &Grid) {
         let _ = writeln!(
             md,
             "| {} | {} | {} | {} |",
-            g.rule,
-            g.k,
-            g.used(),
+            s.label,
+            s.k,
+            names(&s.finished()),
             if unused.is_empty() {
                 String::new()
             } else {
@@ -652,14 +719,14 @@ pub(super) fn sources(doc: &mut Doc, grid: &Grid) {
     let _ = writeln!(md, "Every run:\n");
     let _ = writeln!(
         md,
-        "| run folder | rule | K | seed | state | test error (%) | peak MiB | images/s | notes |\n|---|---|---|---|---|---|---|---|---|"
+        "| run folder | {row} | K | seed | state | test error (%) | peak MiB | images/s | notes |\n|---|---|---|---|---|---|---|---|---|"
     );
     for r in &runs.runs {
         let _ = writeln!(
             md,
             "| `{}` | {} | {} | {} | {} | {} | {} | {} | {} |",
             r.dir,
-            r.rule,
+            grid.label_of(r),
             r.modules,
             r.seed,
             r.state.to_string().replace('|', "\\|"),

@@ -184,41 +184,26 @@ fn identity_of(v: &Value) -> Option<(String, usize, u64)> {
     ))
 }
 
-/// Reads one run folder; `None` if it cannot tell which cell it is (the reason goes to `notes`).
-fn load_run(
-    dir: &Path,
-    name: &str,
-    expected: Option<&Cell>,
-    notes: &mut Vec<String>,
-) -> Option<Run> {
-    let mut warnings = Vec::new();
-    let summary: std::result::Result<Option<SummaryFile>, String> =
-        match read_json(&dir.join("summary.json")) {
-            Ok(Some(v)) => serde_json::from_value::<SummaryFile>(v)
-                .map_err(|e| format!("summary.json: {e}"))
-                .and_then(|s| {
-                    if !(0.0..=1.0).contains(&s.test_accuracy) || s.modules == 0 {
-                        Err(format!(
-                            "summary.json: impossible values (test accuracy {}, K {})",
-                            s.test_accuracy, s.modules
-                        ))
-                    } else {
-                        Ok(Some(s))
-                    }
-                }),
-            Ok(None) => Ok(None),
-            Err(e) => Err(e),
-        };
-    let config = match read_json(&dir.join("config.json")) {
-        Ok(c) => c,
-        Err(e) => {
-            warnings.push(e);
-            None
-        }
+/// `summary.json`: `Ok(None)` if absent, `Err` if unreadable or impossible.
+fn read_summary(dir: &Path) -> std::result::Result<Option<SummaryFile>, String> {
+    let Some(v) = read_json(&dir.join("summary.json"))? else {
+        return Ok(None);
     };
-    let metrics_path = dir.join("metrics.jsonl");
+    let s = serde_json::from_value::<SummaryFile>(v).map_err(|e| format!("summary.json: {e}"))?;
+    if !(0.0..=1.0).contains(&s.test_accuracy) || s.modules == 0 {
+        return Err(format!(
+            "summary.json: impossible values (test accuracy {}, K {})",
+            s.test_accuracy, s.modules
+        ));
+    }
+    Ok(Some(s))
+}
+
+/// The readable lines of `metrics.jsonl` by epoch; a count of unreadable ones goes to
+/// `warnings`.
+fn read_epochs(dir: &Path, warnings: &mut Vec<String>) -> Vec<EpochLine> {
     let mut epochs = Vec::new();
-    if let Ok(text) = std::fs::read_to_string(&metrics_path) {
+    if let Ok(text) = std::fs::read_to_string(dir.join("metrics.jsonl")) {
         let mut bad = 0;
         for line in text.lines().filter(|l| !l.trim().is_empty()) {
             match serde_json::from_str::<EpochLine>(line) {
@@ -231,6 +216,26 @@ fn load_run(
         }
     }
     epochs.sort_by_key(|e| e.epoch);
+    epochs
+}
+
+/// Reads one run folder; `None` if it cannot tell which cell it is (the reason goes to `notes`).
+fn load_run(
+    dir: &Path,
+    name: &str,
+    expected: Option<&Cell>,
+    notes: &mut Vec<String>,
+) -> Option<Run> {
+    let mut warnings = Vec::new();
+    let summary = read_summary(dir);
+    let config = match read_json(&dir.join("config.json")) {
+        Ok(c) => c,
+        Err(e) => {
+            warnings.push(e);
+            None
+        }
+    };
+    let epochs = read_epochs(dir, &mut warnings);
     let identity = summary
         .as_ref()
         .ok()

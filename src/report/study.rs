@@ -152,42 +152,44 @@ pub(super) fn settings_table(doc: &mut Doc, grid: &Grid, study: &Study) {
         );
     }
     md.push('\n');
+    if let Some(line) = convergence_summary(study) {
+        let _ = writeln!(md, "{line}\n");
+    }
+}
+
+/// `Converged: 4 of 7 settings checked (dgl, the issue's criterion: dgl K=4: yes)`.
+fn convergence_summary(study: &Study) -> Option<String> {
     let checked: Vec<bool> = study
         .convergence
         .iter()
         .flatten()
         .map(|c| c.converged)
         .collect();
-    if !checked.is_empty() {
-        let dgl: Vec<String> = study
-            .settings
-            .list
-            .iter()
-            .zip(&study.convergence)
-            .filter(|(s, _)| s.rule == "dgl")
-            .filter_map(|(s, c)| {
-                c.as_ref().map(|c| {
-                    format!(
-                        "{} K={}: {}",
-                        s.label,
-                        s.k,
-                        if c.converged { "yes" } else { "no" }
-                    )
-                })
-            })
-            .collect();
-        let _ = writeln!(
-            md,
-            "Converged: {} of {} settings checked{}.\n",
-            checked.iter().filter(|c| **c).count(),
-            checked.len(),
-            if dgl.is_empty() {
-                String::new()
-            } else {
-                format!(" (dgl, the issue's criterion: {})", dgl.join("; "))
-            }
-        );
+    if checked.is_empty() {
+        return None;
     }
+    let dgl: Vec<String> = study
+        .settings
+        .list
+        .iter()
+        .zip(&study.convergence)
+        .filter(|(s, _)| s.rule == "dgl")
+        .filter_map(|(s, c)| {
+            let c = c.as_ref()?;
+            let yes = if c.converged { "yes" } else { "no" };
+            Some(format!("{} K={}: {yes}", s.label, s.k))
+        })
+        .collect();
+    Some(format!(
+        "Converged: {} of {} settings checked{}.",
+        checked.iter().filter(|c| **c).count(),
+        checked.len(),
+        if dgl.is_empty() {
+            String::new()
+        } else {
+            format!(" (dgl, the issue's criterion: {})", dgl.join("; "))
+        }
+    ))
 }
 
 /// `−0.50 … +1.20` and whether it excludes zero, for a table cell.
@@ -236,40 +238,46 @@ pub(super) fn paired(doc: &mut Doc, study: &Study) {
             "| setting | K | vs | n | seeds | Δ per seed (points) | mean Δ | 95% interval | excludes 0 |\n|---|---|---|---|---|---|---|---|---|"
         );
         for c in &study.comparisons {
-            let (s, d) = (study.setting(c.setting), study.setting(c.baseline));
-            let seeds: Vec<String> = c.pairs.iter().map(|p| p.seed.to_string()).collect();
-            let per_seed: Vec<String> = c
-                .pairs
-                .iter()
-                .map(|p| format!("s{}: {}", p.seed, signed(p.diff)))
-                .collect();
-            let (mean, ci, verdict) = interval_cells(c.interval.as_ref());
-            let _ = writeln!(
-                md,
-                "| {}{} | {} | {} | {} | {} | {} | {mean} | {ci} | {verdict} |",
-                s.label,
-                if s.is_local() {
-                    String::new()
-                } else {
-                    format!(" (K={})", s.k)
-                },
-                d.k,
-                d.label,
-                c.pairs.len(),
-                if seeds.is_empty() {
-                    "–".into()
-                } else {
-                    seeds.join(", ")
-                },
-                if per_seed.is_empty() {
-                    "–".into()
-                } else {
-                    per_seed.join(", ")
-                },
-            );
+            let _ = writeln!(md, "{}", comparison_row(study, c));
         }
         md.push('\n');
     }
+    unpaired_list(md, study);
+}
+
+/// One row of the paired table.
+fn comparison_row(study: &Study, c: &Comparison) -> String {
+    let (s, d) = (study.setting(c.setting), study.setting(c.baseline));
+    let or_dash = |v: Vec<String>| {
+        if v.is_empty() {
+            "–".to_string()
+        } else {
+            v.join(", ")
+        }
+    };
+    let seeds = or_dash(c.pairs.iter().map(|p| p.seed.to_string()).collect());
+    let per_seed = or_dash(
+        c.pairs
+            .iter()
+            .map(|p| format!("s{}: {}", p.seed, signed(p.diff)))
+            .collect(),
+    );
+    let (mean, ci, verdict) = interval_cells(c.interval.as_ref());
+    let name = if s.is_local() {
+        s.label.clone()
+    } else {
+        format!("{} (K={})", s.label, s.k)
+    };
+    format!(
+        "| {name} | {} | {} | {} | {seeds} | {per_seed} | {mean} | {ci} | {verdict} |",
+        d.k,
+        d.label,
+        c.pairs.len(),
+    )
+}
+
+/// The runs of compared settings left out of the pairs, and the settings with no dgl.
+fn unpaired_list(md: &mut String, study: &Study) {
     let unpaired: Vec<&Comparison> = study
         .comparisons
         .iter()
@@ -347,6 +355,149 @@ fn lambda_text(l: f64) -> String {
     format!("{l}")
 }
 
+/// The sgr settings of one K on a log-λ axis, with the dgl settings they pair with.
+struct LambdaPanel<'s, 'a> {
+    k: usize,
+    lines: BTreeMap<String, Vec<&'s Setting<'a>>>,
+    dgl: Vec<&'s Setting<'a>>,
+    ticks: Vec<(f64, String)>,
+    x_range: (f64, f64),
+}
+
+impl<'s, 'a> LambdaPanel<'s, 'a> {
+    /// The panel of K, or why it is not drawn (no line with two λ values that have finished
+    /// runs).
+    fn new(study: &'s Study<'a>, k: usize) -> std::result::Result<Self, String> {
+        let lines = lambda_lines(study, k);
+        let done = |s: &Setting| !s.finished().is_empty();
+        let mut xs: Vec<f64> = lines
+            .values()
+            .flatten()
+            .filter(|s| done(s))
+            .filter_map(|s| s.lambda())
+            .collect();
+        xs.sort_by(f64::total_cmp);
+        xs.dedup();
+        if !lines
+            .values()
+            .any(|v| v.iter().filter(|s| done(s)).count() > 1)
+        {
+            return Err(format!(
+                "K={k}: {} finished sgr λ value{} per line, so no line to draw",
+                if xs.is_empty() { "no" } else { "one" },
+                if xs.is_empty() { "s" } else { "" }
+            ));
+        }
+        let dgl = study
+            .settings
+            .list
+            .iter()
+            .filter(|d| d.rule == "dgl" && d.k == k)
+            .filter(|d| {
+                let key = pairing_key(&d.fields, false);
+                lines
+                    .values()
+                    .flatten()
+                    .any(|s| pairing_key(&s.fields, false) == key)
+            })
+            .collect();
+        let ticks: Vec<(f64, String)> = xs.iter().map(|l| (l.log10(), lambda_text(*l))).collect();
+        let (lo, hi) = (ticks[0].0, ticks[ticks.len() - 1].0);
+        let pad = ((hi - lo) * 0.06).max(0.2);
+        Ok(LambdaPanel {
+            k,
+            lines,
+            dgl,
+            ticks,
+            x_range: (lo - pad, hi + pad),
+        })
+    }
+
+    /// A line per sgr combination of `f`'s mean ± std over λ, dgl's mean dashed.
+    fn chart(&self, what: &str, y_desc: &str, f: &dyn Fn(&Setting) -> Vec<f64>) -> LineChart {
+        let n = self.lines.len();
+        LineChart {
+            title: format!("{what} vs λ, K={}", self.k),
+            x_desc: "λ (log scale)".into(),
+            y_desc: y_desc.into(),
+            ticks: self.ticks.clone(),
+            x_range: self.x_range,
+            y_from_zero: false,
+            series: self
+                .lines
+                .iter()
+                .enumerate()
+                .map(|(i, (name, v))| Series {
+                    label: name.clone(),
+                    color: if n == 1 {
+                        rule_color("sgr")
+                    } else {
+                        setting_color(i, n)
+                    },
+                    points: v
+                        .iter()
+                        .filter_map(|s| {
+                            let (m, sd) = mean_std(&f(s))?;
+                            Some((s.lambda()?.log10(), m, sd))
+                        })
+                        .collect(),
+                })
+                .filter(|s| !s.points.is_empty())
+                .collect(),
+            hlines: self
+                .dgl
+                .iter()
+                .filter_map(|d| {
+                    mean_std(&f(d)).map(|(m, _)| (d.label.clone(), rule_color("dgl"), m))
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Draws the two λ plots of one panel; returns its Sources line, or notes why the cosine plot
+/// is missing in `skipped`.
+fn lambda_panel_plots(
+    doc: &mut Doc,
+    panel: &LambdaPanel,
+    skipped: &mut Vec<String>,
+) -> Result<String> {
+    let k = panel.k;
+    let error = panel.chart("Test error", "test error (%)", &|s| {
+        s.values(Run::test_error)
+    });
+    let stem = format!("test_error_vs_lambda_k{k}");
+    doc.save(&Figure::One(error), &stem)?;
+    let _ = writeln!(
+        doc.md,
+        "![Test error vs λ, K={k}]({stem}.png)\n\nTest error vs λ at K = {k}, mean ± one standard deviation over finished seeds, \
+         a line per combination of the other varying fields; dgl of the same data, network and recipe as a dashed line ([SVG]({stem}.svg)).\n"
+    );
+    let cos = panel.chart(
+        "Boundary gradient cosine",
+        "grad cosine (mean over boundaries)",
+        &|s| s.values(Run::final_grad_cosine),
+    );
+    if cos.series.is_empty() {
+        skipped.push(format!(
+            "K={k}: gradient cosine vs λ not drawn (no run has diagnostics in its last epoch)"
+        ));
+        return Ok(format!(
+            "`{stem}`: the sgr and dgl rows of K={k} in the settings table"
+        ));
+    }
+    let cos_stem = format!("grad_cosine_vs_lambda_k{k}");
+    doc.save(&Figure::One(cos), &cos_stem)?;
+    let _ = writeln!(
+        doc.md,
+        "![Gradient cosine vs λ, K={k}]({cos_stem}.png)\n\nAchieved boundary gradient cosine (last epoch, mean over boundaries) vs λ at K = {k}, \
+         mean ± one standard deviation over seeds; dgl as a dashed line ([SVG]({cos_stem}.svg)).\n"
+    );
+    Ok(format!(
+        "`{stem}`, `{cos_stem}`: the sgr and dgl rows of K={k} in the settings table"
+    ))
+}
+
 /// Test error and the achieved boundary gradient cosine against λ (log axis), per K.
 pub(super) fn lambda_plots(doc: &mut Doc, study: &Study) -> Result<()> {
     let _ = writeln!(doc.md, "## Test error and gradient cosine vs λ\n");
@@ -360,120 +511,14 @@ pub(super) fn lambda_plots(doc: &mut Doc, study: &Study) -> Result<()> {
     let mut drawn = Vec::new();
     let mut skipped = Vec::new();
     for k in ks {
-        let lines = lambda_lines(study, k);
-        let lambdas: BTreeSet<u64> = lines
-            .values()
-            .flatten()
-            .filter(|s| !s.finished().is_empty())
-            .filter_map(|s| s.lambda().map(f64::to_bits))
-            .collect();
-        if !lines
-            .values()
-            .any(|v| v.iter().filter(|s| !s.finished().is_empty()).count() > 1)
-        {
-            skipped.push(format!(
-                "K={k}: {} finished sgr λ value{} per line, so no line to draw",
-                if lambdas.is_empty() { "no" } else { "one" },
-                if lambdas.is_empty() { "s" } else { "" }
-            ));
-            continue;
+        match LambdaPanel::new(study, k) {
+            Ok(panel) => drawn.push(lambda_panel_plots(doc, &panel, &mut skipped)?),
+            Err(why) => skipped.push(why),
         }
-        let dgl: Vec<&Setting> = study
-            .settings
-            .list
-            .iter()
-            .filter(|d| d.rule == "dgl" && d.k == k)
-            .filter(|d| {
-                let key = pairing_key(&d.fields, false);
-                lines
-                    .values()
-                    .flatten()
-                    .any(|s| pairing_key(&s.fields, false) == key)
-            })
-            .collect();
-        let mut xs: Vec<f64> = lambdas.iter().map(|b| f64::from_bits(*b)).collect();
-        xs.sort_by(f64::total_cmp);
-        let ticks: Vec<(f64, String)> = xs.iter().map(|l| (l.log10(), lambda_text(*l))).collect();
-        let (lo, hi) = (ticks[0].0, ticks[ticks.len() - 1].0);
-        let pad = ((hi - lo) * 0.06).max(0.2);
-        let chart = |what: &str, y_desc: &str, f: &dyn Fn(&Setting) -> Vec<f64>| LineChart {
-            title: format!("{what} vs λ, K={k}"),
-            x_desc: "λ (log scale)".into(),
-            y_desc: y_desc.into(),
-            ticks: ticks.clone(),
-            x_range: (lo - pad, hi + pad),
-            y_from_zero: false,
-            series: lines
-                .iter()
-                .enumerate()
-                .map(|(i, (name, v))| Series {
-                    label: name.clone(),
-                    color: if lines.len() == 1 {
-                        rule_color("sgr")
-                    } else {
-                        setting_color(i, lines.len())
-                    },
-                    points: v
-                        .iter()
-                        .filter_map(|s| {
-                            let (m, sd) = mean_std(&f(s))?;
-                            Some((s.lambda()?.log10(), m, sd))
-                        })
-                        .collect(),
-                })
-                .filter(|s| !s.points.is_empty())
-                .collect(),
-            hlines: dgl
-                .iter()
-                .filter_map(|d| {
-                    mean_std(&f(d)).map(|(m, _)| (d.label.clone(), rule_color("dgl"), m))
-                })
-                .collect(),
-        };
-        let error = chart("Test error", "test error (%)", &|s| {
-            s.values(Run::test_error)
-        });
-        let stem = format!("test_error_vs_lambda_k{k}");
-        doc.save(&Figure::One(error), &stem)?;
-        let cos = chart(
-            "Boundary gradient cosine",
-            "grad cosine (mean over boundaries)",
-            &|s| s.values(Run::final_grad_cosine),
-        );
-        let has_cos = !cos.series.is_empty();
-        let cos_stem = format!("grad_cosine_vs_lambda_k{k}");
-        if has_cos {
-            doc.save(&Figure::One(cos), &cos_stem)?;
-        }
-        let md = &mut doc.md;
-        let _ = writeln!(
-            md,
-            "![Test error vs λ, K={k}]({stem}.png)\n\nTest error vs λ at K = {k}, mean ± one standard deviation over finished seeds, \
-             a line per combination of the other varying fields; dgl of the same data, network and recipe as a dashed line ([SVG]({stem}.svg)).\n"
-        );
-        if has_cos {
-            let _ = writeln!(
-                md,
-                "![Gradient cosine vs λ, K={k}]({cos_stem}.png)\n\nAchieved boundary gradient cosine (last epoch, mean over boundaries) vs λ at K = {k}, \
-                 mean ± one standard deviation over seeds; dgl as a dashed line ([SVG]({cos_stem}.svg)).\n"
-            );
-        } else {
-            skipped.push(format!(
-                "K={k}: gradient cosine vs λ not drawn (no run has diagnostics in its last epoch)"
-            ));
-        }
-        drawn.push(format!(
-            "`{stem}`{}: the sgr and dgl rows of K={k} in the settings table",
-            if has_cos {
-                format!(", `{cos_stem}`")
-            } else {
-                String::new()
-            }
-        ));
     }
     let md = &mut doc.md;
     if drawn.is_empty() && skipped.is_empty() {
-        let _ = writeln!(md, "Skipped: no sgr runs with λ > 0.\n");
+        let _ = writeln!(md, "Skipped: no sgr runs.\n");
     }
     for s in &skipped {
         let _ = writeln!(md, "Skipped at {s}.\n");
@@ -519,6 +564,39 @@ fn correlation(xy: &[(f64, f64)]) -> Option<f64> {
 /// coloured by rule.
 const MAX_SCATTER_SETTINGS: usize = 10;
 
+/// The scatter's point sets, in settings order: one per setting label, or with more than
+/// [`MAX_SCATTER_SETTINGS`] labels one per rule (the second value says which).
+fn gap_series(grid: &Grid, study: &Study) -> (Vec<Series>, bool) {
+    let labels: BTreeSet<&str> = study
+        .gaps
+        .iter()
+        .map(|g| study.setting(g.setting).label.as_str())
+        .collect();
+    let by_setting = labels.len() <= MAX_SCATTER_SETTINGS;
+    let mut series: Vec<Series> = Vec::new();
+    for g in &study.gaps {
+        let s = study.setting(g.setting);
+        let (key, color) = if by_setting {
+            (s.label.as_str(), grid.color(&s.label))
+        } else {
+            (s.rule, rule_color(s.rule))
+        };
+        let i = match series.iter().position(|x| x.label == key) {
+            Some(i) => i,
+            None => {
+                series.push(Series {
+                    label: key.to_string(),
+                    color,
+                    points: Vec::new(),
+                });
+                series.len() - 1
+            }
+        };
+        series[i].points.push((g.grad_cosine, g.gap, None));
+    }
+    (series, by_setting)
+}
+
 /// One point per finished local run: gap to bp against its boundary gradient cosine.
 pub(super) fn gap_scatter(doc: &mut Doc, grid: &Grid, study: &Study) -> Result<()> {
     let _ = writeln!(doc.md, "## Gap to bp vs boundary gradient cosine\n");
@@ -539,30 +617,7 @@ pub(super) fn gap_scatter(doc: &mut Doc, grid: &Grid, study: &Study) -> Result<(
         let _ = writeln!(doc.md, "Skipped: {why}.\n");
         return Ok(());
     }
-    let labels: BTreeSet<&str> = study
-        .gaps
-        .iter()
-        .map(|g| study.setting(g.setting).label.as_str())
-        .collect();
-    let by_setting = labels.len() <= MAX_SCATTER_SETTINGS;
-    let mut series: BTreeMap<(usize, String), Series> = BTreeMap::new();
-    for g in &study.gaps {
-        let s = study.setting(g.setting);
-        let (key, color) = if by_setting {
-            (s.label.clone(), grid.color(&s.label))
-        } else {
-            (s.rule.to_string(), rule_color(s.rule))
-        };
-        series
-            .entry((super::settings::rule_rank(s.rule), key.clone()))
-            .or_insert_with(|| Series {
-                label: key,
-                color,
-                points: Vec::new(),
-            })
-            .points
-            .push((g.grad_cosine, g.gap, None));
-    }
+    let (series, by_setting) = gap_series(grid, study);
     let xs = study.gaps.iter().map(|g| g.grad_cosine);
     let (lo, hi) = xs.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| {
         (a.min(x), b.max(x))
@@ -576,7 +631,7 @@ pub(super) fn gap_scatter(doc: &mut Doc, grid: &Grid, study: &Study) -> Result<(
         ticks: round_ticks(lo, hi, 8),
         x_range: (lo, hi),
         y_from_zero: false,
-        series: series.into_values().collect(),
+        series,
         hlines: vec![("bp".to_string(), rule_color("bp"), 0.0)],
     };
     doc.save(&Figure::Scatter(chart), "gap_to_bp_vs_grad_cosine")?;
@@ -607,6 +662,74 @@ fn stat_json(xs: &[f64]) -> Value {
     }
 }
 
+/// A setting in `report.json`.
+fn setting_json(s: &Setting, conv: Option<&Convergence>) -> Value {
+    let runs: Vec<Value> = s
+        .runs
+        .iter()
+        .map(|r| {
+            json!({
+                "dir": r.dir, "seed": r.seed, "state": r.state.to_string(),
+                "test_error": r.test_error(), "grad_cosine": r.final_grad_cosine(),
+            })
+        })
+        .collect();
+    json!({
+        "label": s.label,
+        "rule": s.rule,
+        "modules": s.k,
+        "fields": s.fields,
+        "runs": runs,
+        "finished": s.finished().len(),
+        "test_error": stat_json(&s.values(Run::test_error)),
+        "grad_cosine": stat_json(&s.values(Run::final_grad_cosine)),
+        "peak_mib": s.mean(Run::peak_mib),
+        "images_per_second": s.mean(Run::images_per_second),
+        "convergence": conv.map(|c| json!({
+            "epochs": c.epochs, "from": c.from, "moved": c.moved,
+            "converged": c.converged, "seeds": c.seeds,
+        })),
+    })
+}
+
+/// A paired comparison in `report.json`.
+fn comparison_json(study: &Study, c: &Comparison) -> Value {
+    let (s, d) = (study.setting(c.setting), study.setting(c.baseline));
+    let iv = c.interval.as_ref();
+    let side = iv.and_then(Interval::excludes_zero);
+    let pairs: Vec<Value> = c
+        .pairs
+        .iter()
+        .map(|p| {
+            json!({
+                "seed": p.seed, "run": p.run.dir, "baseline_run": p.baseline.dir,
+                "test_error": p.run.test_error(), "baseline_test_error": p.baseline.test_error(),
+                "diff": p.diff,
+            })
+        })
+        .collect();
+    let unpaired: Vec<Value> = c
+        .unpaired
+        .iter()
+        .map(|(dir, why)| json!({"run": dir, "reason": why}))
+        .collect();
+    json!({
+        "setting": s.label,
+        "setting_modules": s.k,
+        "baseline": d.label,
+        "modules": d.k,
+        "pairs": pairs,
+        "n": c.pairs.len(),
+        "mean": iv.map(|i| i.mean),
+        "std": iv.and_then(|i| i.std),
+        "t": iv.and_then(|i| i.t),
+        "ci95": iv.and_then(|i| i.ci).map(|(lo, hi)| vec![lo, hi]),
+        "excludes_zero": side.is_some(),
+        "direction": side.map(|worse| if worse { "worse" } else { "better" }),
+        "unpaired": unpaired,
+    })
+}
+
 /// `report.json`: the settings, paired comparisons and gaps behind the Markdown, for tracing
 /// numbers into RESULTS.md.
 pub(super) fn write_json(doc: &Doc, study: &Study) -> Result<PathBuf> {
@@ -615,61 +738,12 @@ pub(super) fn write_json(doc: &Doc, study: &Study) -> Result<PathBuf> {
         .list
         .iter()
         .zip(&study.convergence)
-        .map(|(s, conv)| {
-            let runs: Vec<Value> = s
-                .runs
-                .iter()
-                .map(|r| {
-                    json!({
-                        "dir": r.dir, "seed": r.seed, "state": r.state.to_string(),
-                        "test_error": r.test_error(), "grad_cosine": r.final_grad_cosine(),
-                    })
-                })
-                .collect();
-            json!({
-                "label": s.label,
-                "rule": s.rule,
-                "modules": s.k,
-                "fields": s.fields,
-                "runs": runs,
-                "finished": s.finished().len(),
-                "test_error": stat_json(&s.values(Run::test_error)),
-                "grad_cosine": stat_json(&s.values(Run::final_grad_cosine)),
-                "peak_mib": s.mean(Run::peak_mib),
-                "images_per_second": s.mean(Run::images_per_second),
-                "convergence": conv.as_ref().map(|c| json!({
-                    "epochs": c.epochs, "from": c.from, "moved": c.moved,
-                    "converged": c.converged, "seeds": c.seeds,
-                })),
-            })
-        })
+        .map(|(s, conv)| setting_json(s, conv.as_ref()))
         .collect();
     let paired: Vec<Value> = study
         .comparisons
         .iter()
-        .map(|c| {
-            let (s, d) = (study.setting(c.setting), study.setting(c.baseline));
-            let iv = c.interval.as_ref();
-            json!({
-                "setting": s.label,
-                "setting_modules": s.k,
-                "baseline": d.label,
-                "modules": d.k,
-                "pairs": c.pairs.iter().map(|p| json!({
-                    "seed": p.seed, "run": p.run.dir, "baseline_run": p.baseline.dir,
-                    "test_error": p.run.test_error(), "baseline_test_error": p.baseline.test_error(),
-                    "diff": p.diff,
-                })).collect::<Vec<_>>(),
-                "n": c.pairs.len(),
-                "mean": iv.map(|i| i.mean),
-                "std": iv.and_then(|i| i.std),
-                "t": iv.and_then(|i| i.t),
-                "ci95": iv.and_then(|i| i.ci).map(|(lo, hi)| vec![lo, hi]),
-                "excludes_zero": iv.and_then(Interval::excludes_zero).is_some(),
-                "direction": iv.and_then(Interval::excludes_zero).map(|worse| if worse { "worse" } else { "better" }),
-                "unpaired": c.unpaired.iter().map(|(dir, why)| json!({"run": dir, "reason": why})).collect::<Vec<_>>(),
-            })
-        })
+        .map(|c| comparison_json(study, c))
         .collect();
     let alone: Vec<Value> = study
         .alone

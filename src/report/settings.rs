@@ -397,6 +397,9 @@ fn t_central(t: f64, df: usize) -> f64 {
 /// The `p` quantile of Student's t with `df` ≥ 1 degrees of freedom, for `p` in (0, 1)
 /// (e.g. `t_quantile(0.975, 2)` ≈ 4.303, the half-width factor of a 95% interval from three
 /// values). Solved by bisection on the exact distribution function to 1e-12.
+///
+/// # Panics
+/// If `df` is 0 or `p` is outside (0, 1) (the report only asks for df = pairs − 1 ≥ 1).
 pub fn t_quantile(p: f64, df: usize) -> f64 {
     assert!(df >= 1 && p > 0.0 && p < 1.0, "t_quantile({p}, {df})");
     if p < 0.5 {

@@ -76,7 +76,7 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
-    /// Write report.md and plots (PNG, SVG) from a sweep folder.
+    /// Write report.md, report.json and plots (PNG, SVG) from a sweep folder.
     Report {
         /// Sweep folder (the --out of `sgr sweep`).
         dir: PathBuf,
@@ -295,11 +295,12 @@ fn report(dir: &Path, out: Option<PathBuf>) -> Result<()> {
         .map(|(name, state)| format!("{name}: {state}"))
         .collect();
     println!(
-        "{}: {} of {} runs finished, {} plots{}",
+        "{}: {} of {} runs finished, {} plots, {}{}",
         w.report.display(),
         w.finished,
         w.total,
         w.plots.len(),
+        w.json.display(),
         if not_used.is_empty() {
             String::new()
         } else {

@@ -5,6 +5,7 @@ mod data;
 mod model;
 mod reference;
 mod reliability;
+mod report_study;
 mod rules;
 mod study;
 mod sweep_report;

@@ -673,3 +673,39 @@ fn grid_summary(preset: &Preset, cells: &[Cell]) -> Vec<String> {
     }
     lines
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn utc_stamps_match_known_dates() {
+        let at = |secs: u64, ms: u64| UNIX_EPOCH + Duration::from_millis(secs * 1000 + ms);
+        assert_eq!(utc(at(0, 0), true), "1970-01-01T00:00:00.000Z");
+        // A leap day, the last second of a century year that is a leap year, and after it.
+        assert_eq!(utc(at(951_782_400, 7), true), "2000-02-29T00:00:00.007Z");
+        assert_eq!(utc(at(978_307_199, 0), false), "2000-12-31 23:59:59Z");
+        assert_eq!(utc(at(978_307_200, 0), false), "2001-01-01 00:00:00Z");
+        assert_eq!(
+            utc(at(1_700_000_000, 999), true),
+            "2023-11-14T22:13:20.999Z"
+        );
+        assert_eq!(utc(at(4_107_542_400, 0), false), "2100-03-01 00:00:00Z");
+    }
+
+    #[test]
+    fn threads_split_the_cores_among_jobs() {
+        assert_eq!(threads_per_cell(16, 1), 16);
+        assert_eq!(threads_per_cell(16, 3), 5);
+        assert_eq!(threads_per_cell(2, 4), 1);
+        assert!(
+            check_jobs(0, 3)
+                .unwrap_err()
+                .to_string()
+                .contains("--jobs 0")
+        );
+        assert!(check_jobs(4, 3).is_err());
+        assert!(check_jobs(3, 3).is_ok() && check_jobs(1, 1).is_ok());
+    }
+}

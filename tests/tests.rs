@@ -6,5 +6,6 @@ mod model;
 mod reference;
 mod reliability;
 mod rules;
+mod sweep_grid;
 mod sweep_report;
 mod train;

@@ -9,7 +9,8 @@
 //! cell that fails while training does not stop the sweep; the outcome lists it.
 //! `<out>/sweep.json` records the preset and the state of every cell; only this process writes
 //! it, always whole (atomic rename), so it is consistent however many cells run at once. Each
-//! cell's child output is also kept in `<cell>/train.log`.
+//! cell's child output is also kept in `<cell>/train.log`. On Linux the children die with the
+//! sweep, however it ends.
 //!
 //! With `--jobs N`, a cell whose preset does not set `threads` gets `max(1, cores / N)` libtorch
 //! threads, so N cells share the machine instead of each spinning on every core.
@@ -290,6 +291,7 @@ fn run_child(
         .try_clone()
         .map_err(|e| format!("cannot make a pipe: {e}"))?;
     cmd.stdin(Stdio::null()).stdout(writer2).stderr(writer);
+    die_with_this_process(&mut cmd);
     let mut child = cmd
         .spawn()
         .map_err(|e| format!("cannot start {}: {e}", exe.display()))?;
@@ -334,6 +336,33 @@ fn run_child(
         }))
     }
 }
+
+/// Makes the child die when this process does (Linux), so that a sweep killed by any signal
+/// leaves no orphan training on, which a rerun would then race in the same folder. The kernel
+/// ties this to the *thread* that starts the child; each child is started by the thread that
+/// then waits for it, so the tie holds for the child's whole life.
+#[cfg(target_os = "linux")]
+fn die_with_this_process(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: the closure runs between fork and exec and only makes async-signal-safe calls
+    // (prctl, getppid) and allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died before the prctl: then there is no one to train for.
+            if libc::getppid() != parent {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn die_with_this_process(_cmd: &mut Command) {}
 
 fn write_record(path: &Path, record: &SweepRecord) -> Result<()> {
     let bytes = serde_json::to_vec_pretty(record).expect("sweep record serialises");

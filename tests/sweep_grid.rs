@@ -438,27 +438,38 @@ fn two_jobs_run_two_cells_at_once() {
     assert!(toml.contains(&format!("threads = {threads}")), "{toml}");
 }
 
-/// Processes of process group `pgid` that are still alive (zombies excluded).
-fn alive_in_group(pgid: u32) -> usize {
+/// Live processes (zombies excluded) as (pid, parent pid), from `/proc`.
+fn processes() -> Vec<(u32, u32)> {
     std::fs::read_dir("/proc")
         .unwrap()
         .flatten()
-        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
-        .filter(|stat| {
-            // `pid (comm) state ppid pgrp ...`; comm may hold spaces, so split after ')'.
-            let rest: Vec<&str> = stat
-                .rsplit_once(')')
-                .map(|(_, r)| r.split_whitespace().collect())
-                .unwrap_or_default();
-            rest.len() > 3 && rest[0] != "Z" && rest[2] == pgid.to_string()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            // `pid (comm) state ppid ...`; comm may hold spaces, so split after ')'.
+            let rest: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+            (rest.len() > 1 && rest[0] != "Z").then_some((pid, rest[1].parse().ok()?))
         })
-        .count()
+        .collect()
 }
 
-fn epochs_recorded(cell: &Path) -> usize {
-    std::fs::read_to_string(cell.join("metrics.jsonl"))
-        .map(|t| t.lines().count())
-        .unwrap_or(0)
+fn signal(sig: &str, pid: &str) {
+    let ok = Command::new("kill")
+        .args([sig, "--", pid])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig} {pid}");
+}
+
+/// The epoch of a cell's newest checkpoint, from its sidecar (written after the checkpoint;
+/// `metrics.jsonl` gets its line before, so it can be one epoch ahead).
+fn saved_epoch(cell: &Path) -> usize {
+    std::fs::read(cell.join("checkpoint.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+        .and_then(|v| v["epoch"].as_u64())
+        .unwrap_or(0) as usize
 }
 
 /// A cell's name, every epoch's (train loss, test accuracy), and its final test accuracy.
@@ -490,7 +501,6 @@ fn results(root: &Path, names: &[String]) -> Vec<CellResult> {
 
 #[test]
 fn killed_parallel_sweep_resumes_to_the_uninterrupted_results() {
-    use std::os::unix::process::CommandExt;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("three.toml");
     let epochs = 4;
@@ -504,8 +514,10 @@ fn killed_parallel_sweep_resumes_to_the_uninterrupted_results() {
     let iv = intervals(&read_json(&dir.path().join("runs/whole/sweep.json")));
     assert!(iv[0].2 <= iv[1].1 && iv[1].2 <= iv[2].1, "{iv:?}");
 
-    // Two at a time, killed (SIGKILL to the sweep and its children) once a cell has finished
-    // and another is part-way: at least one saved epoch, at least two still to go.
+    // Two at a time, killed once a cell has finished and another is part-way (at least one
+    // saved epoch, at least two still to go). SIGKILL goes to the sweep process alone, its
+    // children stopped first (SIGSTOP) so that they cannot notice the lost parent themselves
+    // (a write to the closed pipe): they must die with it rather than live on as orphans.
     let root = dir.path().join("runs/killed");
     let log = std::fs::File::create(dir.path().join("killed.log")).unwrap();
     let mut parent = Command::new(SGR)
@@ -515,10 +527,8 @@ fn killed_parallel_sweep_resumes_to_the_uninterrupted_results() {
         .args(["--out", "runs/killed", "--jobs", "2"])
         .stdout(Stdio::null())
         .stderr(log)
-        .process_group(0)
         .spawn()
         .unwrap();
-    let pgid = parent.id();
     let deadline = Instant::now() + Duration::from_secs(300);
     let partway = loop {
         assert!(Instant::now() < deadline, "no moment to kill the sweep at");
@@ -533,7 +543,7 @@ fn killed_parallel_sweep_resumes_to_the_uninterrupted_results() {
             .filter(|n| root.join(n).join("summary.json").exists())
             .count();
         let partway = names.iter().find(|n| {
-            let e = epochs_recorded(&root.join(n));
+            let e = saved_epoch(&root.join(n));
             !root.join(n).join("summary.json").exists() && (1..=epochs - 2).contains(&e)
         });
         if let (true, Some(p)) = (done >= 1, partway) {
@@ -541,17 +551,37 @@ fn killed_parallel_sweep_resumes_to_the_uninterrupted_results() {
         }
         std::thread::sleep(Duration::from_millis(10));
     };
-    let killed = Command::new("kill")
-        .args(["-KILL", "--", &format!("-{pgid}")])
-        .status()
-        .unwrap();
-    assert!(killed.success());
+    let children: Vec<u32> = processes()
+        .into_iter()
+        .filter(|&(_, ppid)| ppid == parent.id())
+        .map(|(pid, _)| pid)
+        .collect();
+    assert!(!children.is_empty(), "no running child");
+    for c in &children {
+        signal("-STOP", &c.to_string());
+    }
+    parent.kill().unwrap(); // SIGKILL
     parent.wait().unwrap();
+    let alive = || -> Vec<u32> {
+        let live: Vec<u32> = processes().into_iter().map(|(p, _)| p).collect();
+        children
+            .iter()
+            .copied()
+            .filter(|c| live.contains(c))
+            .collect()
+    };
     let deadline = Instant::now() + Duration::from_secs(30);
-    while alive_in_group(pgid) > 0 && Instant::now() < deadline {
+    while !alive().is_empty() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(alive_in_group(pgid), 0, "children outlived the kill");
+    let orphans = alive();
+    for o in &orphans {
+        signal("-KILL", &o.to_string());
+    }
+    assert!(
+        orphans.is_empty(),
+        "children {orphans:?} outlived the killed sweep"
+    );
     // The kill left a whole sweep.json (the parent writes it atomically) that still shows the
     // interrupted cell running, and that cell unfinished.
     let record = read_json(&root.join("sweep.json"));

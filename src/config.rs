@@ -60,8 +60,11 @@ impl DeviceKind {
 macro_rules! config_fields {
     ($( $(#[doc = $doc:literal])* $([arg($($arg:tt)*)])? $name:ident : $ty:ty = $default:expr ; )*) => {
         /// A fully resolved training configuration (saved as `config.json` in the run folder).
+        /// A field missing from a saved file takes its default, so configurations written
+        /// before a field existed still read (and mean what they meant: every new field's
+        /// default is the old behaviour).
         #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-        #[serde(deny_unknown_fields)]
+        #[serde(deny_unknown_fields, default)]
         pub struct TrainConfig {
             $( $(#[doc = $doc])* pub $name: $ty, )*
         }

@@ -75,6 +75,10 @@ enum Command {
         /// Check the preset and list what would run, resume or be skipped; train nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Cells to run at once, each its own process; cells whose preset does not set
+        /// `threads` get max(1, cores / N) threads. At most the preset's number of cells.
+        #[arg(long, default_value_t = 1)]
+        jobs: usize,
     },
     /// Write report.md, report.json and plots (PNG, SVG) from a sweep folder.
     Report {
@@ -257,11 +261,11 @@ fn grid(args: &GridArgs) -> Result<()> {
     Ok(())
 }
 
-fn sweep(preset: &str, out: Option<PathBuf>, dry_run: bool) -> Result<()> {
+fn sweep(preset: &str, out: Option<PathBuf>, dry_run: bool, jobs: usize) -> Result<()> {
     let path = sgr::preset::resolve(preset)?;
     let out =
         out.unwrap_or_else(|| Path::new("runs").join(path.file_stem().unwrap_or(path.as_os_str())));
-    let o = sgr::sweep::run(&path, &out, dry_run)?;
+    let o = sgr::sweep::run(&path, &out, dry_run, jobs)?;
     if dry_run {
         return Ok(());
     }
@@ -347,7 +351,8 @@ fn run(cli: Cli) -> Result<()> {
             preset,
             out,
             dry_run,
-        } => sweep(&preset, out, dry_run),
+            jobs,
+        } => sweep(&preset, out, dry_run, jobs),
         Command::Report { dir, out } => report(&dir, out),
         Command::Bench { command } => match command {
             BenchCommand::Memory(mut args) => {

@@ -8,6 +8,7 @@ mod reliability;
 mod report_study;
 mod rules;
 mod study;
+mod sweep_grid;
 mod sweep_report;
 mod train;
 mod variants;

@@ -25,7 +25,7 @@ fn penalty_grad(net: &SplitNet, batch: &Batch, cfg: &SgrConfig) -> Tensor {
             ..cfg.clone()
         };
         rules::build(RuleKind::Sgr, &cfg)
-            .step(net, batch, 0)
+            .step(net, batch, &rules::StepContext::default())
             .expect("step");
         Tensor::cat(
             &vars
@@ -47,12 +47,10 @@ fn penalty_grad(net: &SplitNet, batch: &Batch, cfg: &SgrConfig) -> Tensor {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let arch = match args.get(1).map(String::as_str).unwrap_or("resnet32") {
-        "resnet20" => Arch::Resnet20,
-        "resnet56" => Arch::Resnet56,
-        "resnet110" => Arch::Resnet110,
-        _ => Arch::Resnet32,
-    };
+    let arch: Arch = args
+        .get(1)
+        .and_then(|name| name.parse().ok())
+        .unwrap_or_else(|| "resnet32".parse().expect("a registered network"));
     let modules: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(8);
     let batch_size: i64 = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(64);
     let steps: Vec<f64> = args
@@ -70,7 +68,7 @@ fn main() {
         modules,
         split: SplitStrategy::Table,
         head: HeadKind::Conv,
-        input: FeatureShape { c: 3, h: 32, w: 32 },
+        input: FeatureShape::map(3, 32, 32),
         classes: 10,
         penalty_cost: None,
     };

@@ -76,6 +76,9 @@ const NOT_BENCHMARKED: &[&str] = &[
     "gamma",
     "diag_every",
     "on_nan",
+    "holdout",
+    "lambda_schedule",
+    "lambda_schedule_epochs",
 ];
 
 /// Training options the PyTorch reference of `sgr bench compare` does not take: they must be
@@ -89,6 +92,7 @@ const NOT_MIRRORED_BY_REFERENCE: &[&str] = &[
     "seed",
     "sgr_grad",
     "fd_eps",
+    "sgr_side",
 ];
 
 /// The arguments of `sgr bench memory|step|compare`: every `sgr train` option, with `--rule`
@@ -225,11 +229,7 @@ pub fn measure(cell: &Cell) -> Result<Row> {
     if cfg.threads > 0 {
         tch::set_num_threads(cfg.threads as i32);
     }
-    let input = FeatureShape {
-        c: bench.channels,
-        h: bench.size,
-        w: bench.size,
-    };
+    let input = FeatureShape::map(bench.channels, bench.size, bench.size);
     let device = cfg.tch_device()?;
     let net = crate::model::with_seed(cfg.seed as i64, || {
         SplitNet::new(&cfg.model_spec(input, bench.classes), device)
@@ -261,7 +261,7 @@ pub fn measure(cell: &Cell) -> Result<Row> {
         }
         let start = Instant::now();
         opt.zero_grad();
-        rule_impl.step(&net, &batch, step)?;
+        rule_impl.step(&net, &batch, &rules::StepContext::at_step(step))?;
         opt.step(cfg.lr);
         sync();
         if step >= bench.warmup {
@@ -311,7 +311,7 @@ pub fn plan(
         .find(|k| given.get(**k).is_some_and(|v| !v.is_null()))
     {
         return Err(Error::Config(format!(
-            "sgr bench: --{} does not apply to a benchmark (a cell times --steps steps on synthetic input of --channels x --size x --size, at a constant --lr); leave it out",
+            "sgr bench: --{} does not apply to a benchmark (a cell times --steps steps on synthetic input of --channels x --size x --size, at a constant --lr and --lambda); leave it out",
             key.replace('_', "-")
         )));
     }
@@ -347,7 +347,7 @@ pub fn plan(
             };
             let in_cell = |e: Error| Error::Config(format!("cell {rule} K={k}: {e}"));
             let cfg = TrainConfig::resolve(&cell, None, None).map_err(in_cell)?;
-            crate::model::splits::check_k(cfg.model, k, cfg.split)?;
+            crate::model::splits::check_k(&cfg.model, k, cfg.split)?;
             Ok(cfg)
         })
         .collect()
@@ -562,7 +562,7 @@ pub fn run_compare(
             .find(|k| value.get(**k) != defaults.get(**k))
         {
             return Err(Error::Config(format!(
-                "sgr bench compare: the PyTorch reference has no --{} (it runs the exact penalty gradient with the default optimizer settings), so the two sides would differ; leave it at its default",
+                "sgr bench compare: the PyTorch reference has no --{} (it runs the exact, receiver-side penalty gradient with the default optimizer settings), so the two sides would differ; leave it at its default",
                 key.replace('_', "-")
             )));
         }
@@ -590,7 +590,7 @@ pub fn run_compare(
                 std::process::Command::new(python).arg(reference).args([
                     "bench",
                     "--model",
-                    cfg.model.name(),
+                    &cfg.model.to_string(),
                     "--batch-size",
                     &cfg.batch_size.to_string(),
                     "--modules",

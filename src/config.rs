@@ -8,7 +8,7 @@
 use crate::data::DatasetKind;
 use crate::model::{Arch, FeatureShape, HeadKind, ModelSpec, SplitStrategy};
 use crate::optim::SgdConfig;
-use crate::rules::{RuleKind, SgrConfig, SgrDistance, SgrGrad};
+use crate::rules::{LambdaSchedule, RuleKind, SgrConfig, SgrDistance, SgrGrad, SgrSide};
 use crate::schedule::{Schedule, ScheduleKind};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -60,8 +60,11 @@ impl DeviceKind {
 macro_rules! config_fields {
     ($( $(#[doc = $doc:literal])* $([arg($($arg:tt)*)])? $([negation($neg:ident = $neg_flag:literal)])? $name:ident : $ty:ty = $default:expr ; )*) => {
         /// A fully resolved training configuration (saved as `config.json` in the run folder).
+        /// A field missing from a saved file takes its default, so configurations written
+        /// before a field existed still read (and mean what they meant: every new field's
+        /// default is the old behaviour).
         #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-        #[serde(deny_unknown_fields)]
+        #[serde(deny_unknown_fields, default)]
         pub struct TrainConfig {
             $( $(#[doc = $doc])* pub $name: $ty, )*
         }
@@ -117,8 +120,8 @@ config_fields! {
     data: DatasetKind = DatasetKind::FashionMnist;
     /// Folder holding the data sets [default: data]
     data_dir: PathBuf = PathBuf::from("data");
-    /// Network [default: resnet32]
-    model: Arch = Arch::Resnet32;
+    /// Network: resnet20, resnet32, resnet56, resnet110, or mlp-DxW (D hidden layers of width W, e.g. mlp-8x256) [default: resnet32]
+    model: Arch = "resnet32".parse().expect("a registered network");
     /// Training rule [default: bp]
     rule: RuleKind = RuleKind::Bp;
     /// Number of gradient-isolated modules K [default: 1]
@@ -160,6 +163,8 @@ config_fields! {
     train_subset: usize = 0;
     /// Evaluate on the first N test images only (0 = all) [default: 0]
     test_subset: usize = 0;
+    /// Hold out the last N training images and evaluate on them instead of the test split, to choose settings without looking at the test set (0 = evaluate on the test split) [default: 0]
+    holdout: usize = 0;
     /// Data augmentation (crop, plus flip for CIFAR); `--no-augment` turns it off [default: true]
     [arg(num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     [negation(no_augment = "no-augment")]
@@ -168,7 +173,7 @@ config_fields! {
     max_steps_per_epoch: usize = 0;
     /// SGR penalty weight λ [default: 0.1]
     lambda: f64 = 0.1;
-    /// SGR gradient distance [default: l2]
+    /// SGR gradient distance: l2, cosine (batch-flattened) or cosine-sample (mean per-sample cosine) [default: l2]
     sgr_distance: SgrDistance = SgrDistance::L2;
     /// First module (1-based) that SGR regularises [default: 2]
     sgr_from: usize = 2;
@@ -178,6 +183,12 @@ config_fields! {
     sgr_grad: SgrGrad = SgrGrad::Exact;
     /// Relative finite-difference step of --sgr-grad fd (see BENCHMARKS.md for how 3e-2 was chosen) [default: 3e-2]
     fd_eps: f64 = 3e-2;
+    /// Which side of each boundary SGR penalises: receiver (module k matches its input gradient to module k-1's output gradient), sender (module k-1 matches its output gradient to module k's input gradient) or both [default: receiver]
+    sgr_side: SgrSide = SgrSide::Receiver;
+    /// How λ changes over training: constant, warmup (linear ramp from 0) or decay (linear to 0) [default: constant]
+    lambda_schedule: LambdaSchedule = LambdaSchedule::Constant;
+    /// Epochs the λ warm-up or decay spans (0 = the whole run) [default: 0]
+    lambda_schedule_epochs: f64 = 0.0;
     /// Measure gradient discord every N steps (0 = never) [default: 50]
     diag_every: usize = 50;
     /// What to do on a NaN/Inf loss or gradient [default: stop]
@@ -236,9 +247,10 @@ impl TrainConfig {
     /// Resolves `flags` over `file` over the defaults (or over `saved`, when resuming).
     ///
     /// A resumed run is the same run: every value set by a flag or by the file must equal the
-    /// saved one, except the [`RESUMABLE_OVERRIDES`]; `epochs` may change only where the
-    /// schedule does not depend on it (`step`, `constant`), since a cosine schedule stretched
-    /// to a new total would no longer be the one the past epochs followed.
+    /// saved one, except the [`RESUMABLE_OVERRIDES`]; `epochs` may change only where no
+    /// schedule depends on it (`step` or `constant` learning rate, and a constant λ or one
+    /// whose schedule spans `lambda_schedule_epochs`), since a schedule stretched to a new
+    /// total would no longer be the one the past epochs followed.
     pub fn resolve(
         flags: &TrainOptions,
         file: Option<&TrainOptions>,
@@ -281,10 +293,22 @@ impl TrainConfig {
                         RESUMABLE_OVERRIDES.join(", ")
                     )));
                 }
-                if key == "epochs" && saved.schedule == ScheduleKind::Cosine {
-                    return Err(Error::Config(format!(
-                        "{name} cannot change when resuming a run with the cosine schedule (the run has {was}, this asks for {value}): the rate at every step depends on the total, so the epochs already trained would no longer follow it; start a new run in another --out with --epochs {value} (runs with --schedule step or constant can be extended)"
-                    )));
+                if key == "epochs" {
+                    // What of the run is a function of the total number of epochs.
+                    let depends = if saved.schedule == ScheduleKind::Cosine {
+                        Some(("the cosine schedule", "the rate"))
+                    } else if saved.lambda_schedule != LambdaSchedule::Constant
+                        && saved.lambda_schedule_epochs == 0.0
+                    {
+                        Some(("a --lambda-schedule over the whole run", "λ"))
+                    } else {
+                        None
+                    };
+                    if let Some((what, quantity)) = depends {
+                        return Err(Error::Config(format!(
+                            "{name} cannot change when resuming a run with {what} (the run has {was}, this asks for {value}): {quantity} at every step depends on the total, so the epochs already trained would no longer follow it; start a new run in another --out with --epochs {value} (runs with --schedule step or constant, and a constant λ or a --lambda-schedule-epochs span, can be extended)"
+                        )));
+                    }
                 }
             }
         }
@@ -334,6 +358,43 @@ impl TrainConfig {
                 "must be at least 2 (module 1 has no predecessor)",
             );
         }
+        if !(self.fd_eps.is_finite() && self.fd_eps > 0.0) {
+            return fail("fd-eps", "must be a positive number");
+        }
+        if !(self.warmup_epochs.is_finite() && self.warmup_epochs >= 0.0) {
+            return fail("warmup-epochs", "must be >= 0");
+        }
+        // The split and the heads are checked here, before a run folder is written.
+        crate::model::splits::check_k(&self.model, self.modules, self.split)?;
+        if self.modules > 1
+            && self.aux_head == HeadKind::Conv
+            && !self.model.network().outputs_maps()
+        {
+            return fail(
+                "aux-head",
+                &format!(
+                    "conv needs feature maps, but {} outputs vectors; use --aux-head linear or mlp",
+                    self.model
+                ),
+            );
+        }
+        if !(self.lambda_schedule_epochs.is_finite() && self.lambda_schedule_epochs >= 0.0) {
+            return fail("lambda-schedule-epochs", "must be >= 0");
+        }
+        if self.rule == RuleKind::Sgr && self.sgr_side != SgrSide::Receiver {
+            if self.modules < 2 {
+                return fail(
+                    "sgr-side",
+                    "sender and both need a boundary: use --modules 2 or more",
+                );
+            }
+            if self.sgr_grad != SgrGrad::Exact {
+                return fail(
+                    "sgr-side",
+                    "sender and both are computed with --sgr-grad exact only",
+                );
+            }
+        }
         if self.rule == RuleKind::Sgr && self.sgr_from > self.modules {
             let fix = if self.modules < 2 {
                 "--rule sgr needs --modules 2 or more".to_string()
@@ -348,19 +409,13 @@ impl TrainConfig {
                 ),
             );
         }
-        if !(self.fd_eps.is_finite() && self.fd_eps > 0.0) {
-            return fail("fd-eps", "must be a positive number");
-        }
-        if !(self.warmup_epochs.is_finite() && self.warmup_epochs >= 0.0) {
-            return fail("warmup-epochs", "must be >= 0");
-        }
         Ok(())
     }
 
     /// The model to build for data of `input` shape and `classes` classes.
     pub fn model_spec(&self, input: FeatureShape, classes: i64) -> ModelSpec {
         ModelSpec {
-            arch: self.model,
+            arch: self.model.clone(),
             modules: self.modules,
             split: self.split,
             head: self.aux_head,
@@ -400,6 +455,13 @@ impl TrainConfig {
             every: self.sgr_every,
             grad: self.sgr_grad,
             fd_eps: self.fd_eps,
+            side: self.sgr_side,
+            schedule: self.lambda_schedule,
+            schedule_epochs: if self.lambda_schedule_epochs > 0.0 {
+                self.lambda_schedule_epochs
+            } else {
+                self.epochs as f64
+            },
         }
     }
 
@@ -419,7 +481,7 @@ mod tests {
 
     #[test]
     fn balanced_memory_split_is_penalty_aware_for_sgr_only() {
-        let input = FeatureShape { c: 3, h: 32, w: 32 };
+        let input = FeatureShape::map(3, 32, 32);
         let ranges = |text: &str| {
             let cfg = TrainConfig::resolve(
                 &TrainOptions::default(),
@@ -453,7 +515,7 @@ mod tests {
         let cfg = TrainConfig::resolve(&flags, Some(&file), None).unwrap();
         assert_eq!(cfg.lr, 0.2);
         assert_eq!(cfg.epochs, 3);
-        assert_eq!(cfg.model, Arch::Resnet20);
+        assert_eq!(cfg.model.to_string(), "resnet20");
         assert_eq!(cfg.batch_size, TrainConfig::default().batch_size);
     }
 
@@ -528,7 +590,7 @@ mod tests {
     }
 
     #[test]
-    fn resume_refuses_new_epochs_under_a_cosine_schedule_only() {
+    fn resume_refuses_new_epochs_where_a_schedule_spans_the_run() {
         let more = TrainOptions {
             epochs: Some(20),
             ..Default::default()
@@ -568,6 +630,26 @@ mod tests {
             };
             let cfg = TrainConfig::resolve(&more, None, Some(&saved)).unwrap();
             assert_eq!(cfg.epochs, 20);
+            // A λ schedule over the whole run depends on the total too; one with its own span
+            // does not.
+            let ramped = TrainConfig {
+                lambda_schedule: LambdaSchedule::Warmup,
+                ..saved
+            };
+            let e = TrainConfig::resolve(&more, None, Some(&ramped))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("--lambda-schedule over the whole run"), "{e}");
+            let spanned = TrainConfig {
+                lambda_schedule_epochs: 2.0,
+                ..ramped
+            };
+            assert_eq!(
+                TrainConfig::resolve(&more, None, Some(&spanned))
+                    .unwrap()
+                    .epochs,
+                20
+            );
         }
     }
 

@@ -81,8 +81,12 @@ enum Command {
         /// Check the preset and list what would run, resume or be skipped; train nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Cells to run at once, each its own process; cells whose preset does not set
+        /// `threads` get max(1, cores / N) threads. At most the preset's number of cells.
+        #[arg(long, default_value_t = 1)]
+        jobs: usize,
     },
-    /// Write report.md and plots (PNG, SVG) from a sweep folder.
+    /// Write report.md, report.json and plots (PNG, SVG) from a sweep folder.
     Report {
         /// Sweep folder (the --out of `sgr sweep`).
         dir: PathBuf,
@@ -163,11 +167,14 @@ fn train(
         }
         TrainConfig::resolve(flags, file.as_ref(), None)?
     };
+    // Bad data (missing files, a --holdout larger than the set) fails before the run folder
+    // exists.
+    let ds = sgr::train::load_data(&cfg)?;
     // Fail on an unwritable folder before any training time is spent.
     std::fs::create_dir_all(out)
         .with_context(|| format!("cannot create run folder {}", out.display()))?;
     sgr::checkpoint::write_atomic(&config_json, &serde_json::to_vec_pretty(&cfg)?)?;
-    let summary = sgr::train::run(&cfg, out, resume, quiet)?;
+    let summary = sgr::train::run_with_data(&cfg, &ds, out, resume, quiet)?;
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
     let device = summary
         .peak_device_bytes
@@ -194,6 +201,9 @@ struct EvalOutput {
     checkpoint: PathBuf,
     epoch: usize,
     data: String,
+    /// `test`, or `holdout` for a run trained with --holdout (which evaluates on held-out
+    /// training images).
+    split: &'static str,
     test_images: usize,
     test_accuracy: f64,
     test_loss: f64,
@@ -245,11 +255,13 @@ fn eval(path: &Path, args: EvalArgs) -> Result<()> {
     sgr::checkpoint::load_into(&net, path, &vars, false)?;
     let e = sgr::train::evaluate(&net, &ds, &ds.test, batch_size);
     let acc = e.module_accuracy.last().copied().unwrap_or(0.0);
+    let split = if cfg.holdout > 0 { "holdout" } else { "test" };
     if json {
         let out = EvalOutput {
             checkpoint: path.to_path_buf(),
             epoch: state.epoch,
             data: cfg.data.to_string(),
+            split,
             test_images: ds.test.len(),
             test_accuracy: acc,
             test_loss: e.loss,
@@ -259,7 +271,7 @@ fn eval(path: &Path, args: EvalArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "test accuracy {:.2}% ({} test images, epoch {})",
+        "{split} accuracy {:.2}% ({} {split} images, epoch {})",
         100.0 * acc,
         ds.test.len(),
         state.epoch
@@ -289,11 +301,11 @@ fn grid(args: &GridArgs) -> Result<()> {
     Ok(())
 }
 
-fn sweep(preset: &str, out: Option<PathBuf>, dry_run: bool) -> Result<()> {
+fn sweep(preset: &str, out: Option<PathBuf>, dry_run: bool, jobs: usize) -> Result<()> {
     let path = sgr::preset::resolve(preset)?;
     let out =
         out.unwrap_or_else(|| Path::new("runs").join(path.file_stem().unwrap_or(path.as_os_str())));
-    let o = sgr::sweep::run(&path, &out, dry_run)?;
+    let o = sgr::sweep::run(&path, &out, dry_run, jobs)?;
     if dry_run {
         return Ok(());
     }
@@ -327,11 +339,12 @@ fn report(dir: &Path, out: Option<PathBuf>) -> Result<()> {
         .map(|(name, state)| format!("{name}: {state}"))
         .collect();
     println!(
-        "{}: {} of {} runs finished, {} plots{}",
+        "{}: {} of {} runs finished, {} plots, {}{}",
         w.report.display(),
         w.finished,
         w.total,
         w.plots.len(),
+        w.json.display(),
         if not_used.is_empty() {
             String::new()
         } else {
@@ -390,7 +403,8 @@ fn run(cli: Cli) -> Result<()> {
             preset,
             out,
             dry_run,
-        } => sweep(&preset, out, dry_run),
+            jobs,
+        } => sweep(&preset, out, dry_run, jobs),
         Command::Report { dir, out } => report(&dir, out),
         Command::InternalPanic => panic!("deliberate panic (sgr internal-panic)"),
         Command::Bench { command } => match *command {

@@ -107,9 +107,22 @@ pub fn evaluate(net: &SplitNet, ds: &Dataset, split: &data::Split, batch_size: i
     }
 }
 
-/// Loads the data set of `cfg`, cut to the configured subsets.
+/// Loads the data set of `cfg`, cut to the configured subsets. With `holdout`, the last
+/// `holdout` training images become the evaluation split (before `train_subset` and
+/// `test_subset` apply), so settings can be chosen without the test set.
 pub fn load_data(cfg: &TrainConfig) -> Result<Dataset> {
     let mut ds = data::load(cfg.data, &cfg.data_dir)?;
+    if cfg.holdout > 0 {
+        let n = ds.train.len();
+        if cfg.holdout >= n {
+            return Err(Error::Config(format!(
+                "--holdout {}: must be smaller than the {n} training images",
+                cfg.holdout
+            )));
+        }
+        ds.test = ds.train.tail(cfg.holdout);
+        ds.train = ds.train.subset(n - cfg.holdout);
+    }
     if cfg.train_subset > 0 {
         ds.train = ds.train.subset(cfg.train_subset);
     }
@@ -121,11 +134,7 @@ pub fn load_data(cfg: &TrainConfig) -> Result<Dataset> {
 
 /// Builds the network for `cfg` on data `ds` (seeding libtorch first).
 pub fn build_net(cfg: &TrainConfig, ds: &Dataset) -> Result<SplitNet> {
-    let input = FeatureShape {
-        c: ds.meta.channels,
-        h: ds.meta.height,
-        w: ds.meta.width,
-    };
+    let input = FeatureShape::map(ds.meta.channels, ds.meta.height, ds.meta.width);
     let spec = cfg.model_spec(input, ds.meta.classes);
     let device = cfg.tch_device()?;
     crate::model::with_seed(cfg.seed as i64, || SplitNet::new(&spec, device))
@@ -477,7 +486,11 @@ impl<'a> Trainer<'a> {
                     }
                 });
             }
-            let stats = self.rule.step(&self.net, &batch, state.global_step)?;
+            let at = rules::StepContext {
+                global_step: state.global_step,
+                epoch: epoch as f64 + i as f64 / steps.max(1) as f64,
+            };
+            let stats = self.rule.step(&self.net, &batch, &at)?;
             if let Some(what) = non_finite(&self.net, &stats, &mut self.opt) {
                 let msg = format!(
                     "training diverged at epoch {}, step {}: {what}; the last good checkpoint ({}) is kept — lower --lr or pass --on-nan skip-batch",

@@ -162,6 +162,20 @@ fn bench_refuses_what_train_refuses_and_what_it_would_ignore() {
         err.starts_with("error: sgr bench: --epochs does not apply to a benchmark"),
         "{err}"
     );
+    // A λ schedule would be read at the cells' epoch 0, where a warm-up is λ = 0 (dgl).
+    let err = bench_error(&[
+        "step",
+        "--rule",
+        "sgr",
+        "--modules",
+        "2",
+        "--lambda-schedule",
+        "warmup",
+    ]);
+    assert!(
+        err.starts_with("error: sgr bench: --lambda-schedule does not apply"),
+        "{err}"
+    );
     let err = bench_error(&["memory", "--modules", "2", "--no-augment"]);
     assert!(
         err.starts_with("error: sgr bench: --augment does not apply"),

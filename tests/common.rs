@@ -19,11 +19,11 @@ pub fn tiny_net_with_head(
     seed: i64,
 ) -> SplitNet {
     let spec = ModelSpec {
-        arch: Arch::Resnet20,
+        arch: "resnet20".parse::<Arch>().unwrap(),
         modules,
         split: SplitStrategy::Even,
         head,
-        input: FeatureShape { c, h: s, w: s },
+        input: FeatureShape::map(c, s, s),
         classes: 3,
         penalty_cost: None,
     };
@@ -146,4 +146,31 @@ pub fn rel_err(a: &[f64], b: &[f64]) -> f64 {
         .sqrt();
     let den: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
     num / den.max(1e-300)
+}
+
+/// A tiny `mlp-{depth}x{width}` cut into `modules` even modules with `head` auxiliary heads,
+/// on `c`x`s`x`s` inputs with 3 classes (batches from [`tiny_batch`]).
+pub fn tiny_mlp(
+    depth: usize,
+    width: i64,
+    head: HeadKind,
+    modules: usize,
+    (c, s): (i64, i64),
+    double: bool,
+    seed: i64,
+) -> SplitNet {
+    let spec = ModelSpec {
+        arch: format!("mlp-{depth}x{width}").parse::<Arch>().unwrap(),
+        modules,
+        split: SplitStrategy::Even,
+        head,
+        input: FeatureShape::map(c, s, s),
+        classes: 3,
+        penalty_cost: None,
+    };
+    let mut net = sgr::model::with_seed(seed, || SplitNet::new(&spec, Device::Cpu)).unwrap();
+    if double {
+        net.vs.double();
+    }
+    net
 }

@@ -15,7 +15,7 @@ fn spec(
         modules,
         split,
         head,
-        input: FeatureShape { c, h: s, w: s },
+        input: FeatureShape::map(c, s, s),
         classes: 10,
         penalty_cost: None,
     }
@@ -24,14 +24,14 @@ fn spec(
 #[test]
 fn every_depth_and_channel_count_gives_logits() {
     for arch in [
-        Arch::Resnet20,
-        Arch::Resnet32,
-        Arch::Resnet56,
-        Arch::Resnet110,
+        "resnet20".parse::<Arch>().unwrap(),
+        "resnet32".parse::<Arch>().unwrap(),
+        "resnet56".parse::<Arch>().unwrap(),
+        "resnet110".parse::<Arch>().unwrap(),
     ] {
         for (c, s) in [(1, 28), (3, 32)] {
             let net = SplitNet::new(
-                &spec(arch, 2, c, s, HeadKind::Conv, SplitStrategy::Table),
+                &spec(arch.clone(), 2, c, s, HeadKind::Conv, SplitStrategy::Table),
                 Device::Cpu,
             )
             .unwrap();
@@ -41,8 +41,10 @@ fn every_depth_and_channel_count_gives_logits() {
             let mut h = x.shallow_clone();
             for k in 0..net.num_modules() {
                 h = net.forward_module(k, &h, false);
-                let o = net.module_output_shape(k);
-                assert_eq!(h.size(), vec![2, o.c, o.h, o.w]);
+                let FeatureShape::Map { c, h: height, w } = net.module_output_shape(k) else {
+                    panic!("a ResNet outputs feature maps");
+                };
+                assert_eq!(h.size(), vec![2, c, height, w]);
                 assert_eq!(net.head_logits(k, &h, false).size(), vec![2, 10]);
             }
             let last = net.head_logits(net.num_modules() - 1, &h, false);
@@ -60,13 +62,13 @@ fn parameter_counts_match_the_published_resnets() {
     // He et al. 2016, Table 6: ResNet-20 0.27M, ResNet-32 0.46M, ResNet-56 0.85M, ResNet-110 1.7M
     // (with 1x1 projection shortcuts our counts are slightly above the option-A numbers).
     for (arch, millions) in [
-        (Arch::Resnet20, 0.27),
-        (Arch::Resnet32, 0.46),
-        (Arch::Resnet56, 0.85),
-        (Arch::Resnet110, 1.7),
+        ("resnet20".parse::<Arch>().unwrap(), 0.27),
+        ("resnet32".parse::<Arch>().unwrap(), 0.46),
+        ("resnet56".parse::<Arch>().unwrap(), 0.85),
+        ("resnet110".parse::<Arch>().unwrap(), 1.7),
     ] {
         let net = SplitNet::new(
-            &spec(arch, 1, 3, 32, HeadKind::Conv, SplitStrategy::Table),
+            &spec(arch.clone(), 1, 3, 32, HeadKind::Conv, SplitStrategy::Table),
             Device::Cpu,
         )
         .unwrap();
@@ -79,7 +81,7 @@ fn parameter_counts_match_the_published_resnets() {
 fn variable_names_are_torchvision_style_and_independent_of_k() {
     let one = SplitNet::new(
         &spec(
-            Arch::Resnet32,
+            "resnet32".parse::<Arch>().unwrap(),
             1,
             3,
             32,
@@ -91,7 +93,7 @@ fn variable_names_are_torchvision_style_and_independent_of_k() {
     .unwrap();
     let eight = SplitNet::new(
         &spec(
-            Arch::Resnet32,
+            "resnet32".parse::<Arch>().unwrap(),
             8,
             3,
             32,
@@ -127,7 +129,7 @@ fn variable_names_are_torchvision_style_and_independent_of_k() {
 fn modules_partition_the_parameters() {
     let net = SplitNet::new(
         &spec(
-            Arch::Resnet20,
+            "resnet20".parse::<Arch>().unwrap(),
             4,
             1,
             28,
@@ -154,7 +156,14 @@ fn modules_partition_the_parameters() {
 fn activation_estimate_falls_with_k_and_balanced_memory_beats_even() {
     let bytes = |k: usize, split: SplitStrategy| {
         let net = SplitNet::new(
-            &spec(Arch::Resnet32, k, 3, 32, HeadKind::Conv, split),
+            &spec(
+                "resnet32".parse::<Arch>().unwrap(),
+                k,
+                3,
+                32,
+                HeadKind::Conv,
+                split,
+            ),
             Device::Cpu,
         )
         .unwrap();
@@ -174,7 +183,7 @@ fn activation_estimate_falls_with_k_and_balanced_memory_beats_even() {
 fn impossible_splits_are_config_errors() {
     let e = SplitNet::new(
         &spec(
-            Arch::Resnet32,
+            "resnet32".parse::<Arch>().unwrap(),
             17,
             3,
             32,
@@ -187,7 +196,7 @@ fn impossible_splits_are_config_errors() {
     assert!(e.to_string().contains("K must be 1..=16"), "{e}");
     let e = SplitNet::new(
         &spec(
-            Arch::Resnet110,
+            "resnet110".parse::<Arch>().unwrap(),
             6,
             3,
             32,
@@ -198,4 +207,99 @@ fn impossible_splits_are_config_errors() {
     )
     .unwrap_err();
     assert!(e.to_string().contains("not in the split table"), "{e}");
+}
+
+#[test]
+fn mlp_modules_output_vectors_and_chain_to_the_end_to_end_forward() {
+    let arch: Arch = "mlp-4x32".parse().unwrap();
+    for k in 1..=4 {
+        let net = SplitNet::new(
+            &spec(
+                arch.clone(),
+                k,
+                1,
+                28,
+                HeadKind::Linear,
+                SplitStrategy::Table,
+            ),
+            Device::Cpu,
+        )
+        .unwrap();
+        assert_eq!(net.num_modules(), k);
+        let x = Tensor::randn([3, 1, 28, 28], (Kind::Float, Device::Cpu));
+        let mut h = x.shallow_clone();
+        for m in 0..k {
+            h = net.forward_module(m, &h, false);
+            assert_eq!(net.module_output_shape(m), FeatureShape::Vector { n: 32 });
+            assert_eq!(h.size(), vec![3, 32]);
+            assert_eq!(net.head_logits(m, &h, false).size(), vec![3, 10]);
+        }
+        let diff = (net.head_logits(k - 1, &h, false) - net.forward(&x, false))
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(diff < 1e-6, "K={k}: {diff}");
+    }
+    // Parameters: 784·32+32 + 3·(32·32+32) linear, 4·64 BN, 32·10+10 classifier, no heads at K=1.
+    let one = SplitNet::new(
+        &spec(arch, 1, 1, 28, HeadKind::Linear, SplitStrategy::Table),
+        Device::Cpu,
+    )
+    .unwrap();
+    let expected = 784 * 32 + 32 + 3 * (32 * 32 + 32) + 4 * 64 + 32 * 10 + 10;
+    assert_eq!(one.parameter_count(), expected);
+    let names: Vec<String> = one.vs.variables().into_keys().collect();
+    assert!(names.iter().any(|n| n == "layers.0.fc.weight"), "{names:?}");
+    assert!(
+        names.iter().any(|n| n == "layers.3.bn.running_var"),
+        "{names:?}"
+    );
+}
+
+#[test]
+fn mlp_splits_go_to_one_layer_per_module_and_no_further() {
+    let arch: Arch = "mlp-8x16".parse().unwrap();
+    let net = SplitNet::new(
+        &spec(
+            arch.clone(),
+            8,
+            1,
+            28,
+            HeadKind::Linear,
+            SplitStrategy::Table,
+        ),
+        Device::Cpu,
+    )
+    .unwrap();
+    assert!(
+        net.module_ranges()
+            .iter()
+            .enumerate()
+            .all(|(i, r)| *r == (i..i + 1))
+    );
+    let e = SplitNet::new(
+        &spec(
+            arch.clone(),
+            9,
+            1,
+            28,
+            HeadKind::Linear,
+            SplitStrategy::Table,
+        ),
+        Device::Cpu,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("--modules 9") && e.contains("8 hidden layers") && e.contains("1..=8"),
+        "{e}"
+    );
+    // A conv head needs feature maps.
+    let e = SplitNet::new(
+        &spec(arch, 2, 1, 28, HeadKind::Conv, SplitStrategy::Table),
+        Device::Cpu,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("--aux-head conv") && e.contains("linear"), "{e}");
 }

@@ -76,7 +76,9 @@ fn agree(rule: RuleKind) {
 
     let mut opt = Sgd::new(&net.vs, sgd);
     zero_grads(&net);
-    let stats = rules::build(rule, &sgr_cfg).step(&net, &batch, 0).unwrap();
+    let stats = rules::build(rule, &sgr_cfg)
+        .step(&net, &batch, &rules::StepContext::default())
+        .unwrap();
     let ours_grads = grads(&net);
     opt.step(0.1);
     let ours_values = values(&net);

@@ -10,7 +10,9 @@ use tch::Tensor;
 
 fn step(net: &SplitNet, kind: RuleKind, sgr: &SgrConfig, batch: &Batch) {
     zero_grads(net);
-    rules::build(kind, sgr).step(net, batch, 0).unwrap();
+    rules::build(kind, sgr)
+        .step(net, batch, &rules::StepContext::default())
+        .unwrap();
 }
 
 #[test]
@@ -347,8 +349,16 @@ fn tangent_sgr_gradient_equals_the_double_backward_in_f64() {
 
 #[test]
 fn unit_and_head_tangents_match_central_differences_in_f64() {
-    let net = tiny_net(3, 2, 8, true, 42);
-    let batch = tiny_batch(4, 2, 8, true, 43);
+    check_tangents(&tiny_net(3, 2, 8, true, 42), &tiny_batch(4, 2, 8, true, 43));
+    for head in [HeadKind::Linear, HeadKind::Mlp] {
+        let net = tiny_mlp(3, 7, head, 3, (2, 4), true, 44);
+        check_tangents(&net, &tiny_batch(5, 2, 4, true, 45));
+    }
+}
+
+/// Checks every unit's and every head's tangent against a central difference of its training
+/// forward, in f64, running the units in order on `batch`.
+fn check_tangents(net: &SplitNet, batch: &Batch) {
     // J·v by a central difference of the layer's training forward (frozen running
     // statistics); ReLU kinks are O(ε) rare at ε = 1e-6, so it converges in f64.
     let central = |f: &dyn Fn(&Tensor) -> Tensor, x: &Tensor, v: &Tensor| {
@@ -357,7 +367,7 @@ fn unit_and_head_tangents_match_central_differences_in_f64() {
     };
     let mut x = batch.images.shallow_clone();
     let range_ends: Vec<usize> = net.module_ranges().iter().map(|r| r.end).collect();
-    for u in 0..range_ends[2] {
+    for u in 0..range_ends[range_ends.len() - 1] {
         // Every unit, and every head on its module's output.
         let v = x.randn_like();
         let (value, tangent) =
@@ -403,10 +413,10 @@ fn sgr_every_n_steps_is_dgl_in_between() {
         zero_grads(&a);
         zero_grads(&b);
         let stats = rules::build(RuleKind::Sgr, &cfg)
-            .step(&a, &batch, global_step)
+            .step(&a, &batch, &rules::StepContext::at_step(global_step))
             .unwrap();
         rules::build(RuleKind::Dgl, &cfg)
-            .step(&b, &batch, global_step)
+            .step(&b, &batch, &rules::StepContext::at_step(global_step))
             .unwrap();
         let diff = max_abs_diff(&grads(&a), &grads(&b));
         if active {

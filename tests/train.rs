@@ -38,7 +38,7 @@ fn fmnist_fixture() -> Dataset {
 fn small_config(rule: RuleKind, modules: usize) -> TrainConfig {
     TrainConfig {
         data: DatasetKind::FashionMnist,
-        model: Arch::Resnet20,
+        model: "resnet20".parse::<Arch>().unwrap(),
         rule,
         modules,
         split: SplitStrategy::Even,
@@ -82,7 +82,7 @@ fn resume_continues_exactly_like_an_uninterrupted_run() {
     let ds = data::synthetic::generate(3, 192, 64, 1, 12, 3);
     let mut cfg = TrainConfig {
         data: DatasetKind::Synthetic,
-        model: Arch::Resnet20,
+        model: "resnet20".parse::<Arch>().unwrap(),
         rule: RuleKind::Sgr,
         modules: 3,
         split: SplitStrategy::Even,
@@ -386,6 +386,7 @@ fn cli_trains_evaluates_and_refuses_to_overwrite_a_run() {
     };
     let e = eval_json(&[]);
     assert_eq!(e["test_images"], 40);
+    assert_eq!(e["split"], "test");
     assert_eq!(e["epoch"], 1);
     assert_eq!(e["test_accuracy"], summary["test_accuracy"]);
     assert_eq!(e["module_test_accuracy"], summary["module_test_accuracy"]);
@@ -427,7 +428,7 @@ fn the_schedule_anneals_over_the_steps_that_run() {
     let ds = data::synthetic::generate(4, 192, 32, 1, 8, 3);
     let cfg = TrainConfig {
         data: DatasetKind::Synthetic,
-        model: Arch::Resnet20,
+        model: "resnet20".parse::<Arch>().unwrap(),
         rule: RuleKind::Dgl,
         modules: 2,
         split: SplitStrategy::Even,
@@ -465,7 +466,7 @@ fn a_skipped_batch_leaves_batchnorm_statistics_as_they_were() {
     ds.test.images = ds.test.images.zeros_like();
     let cfg = TrainConfig {
         data: DatasetKind::Synthetic,
-        model: Arch::Resnet20,
+        model: "resnet20".parse::<Arch>().unwrap(),
         rule: RuleKind::Dgl,
         modules: 2,
         split: SplitStrategy::Even,

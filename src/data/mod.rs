@@ -239,6 +239,17 @@ impl Split {
         }
     }
 
+    /// The last `n` samples (all of them if `n` exceeds the length). Shares storage with
+    /// `self`; with [`Split::subset`] of the rest, a held-out part of the training split.
+    pub fn tail(&self, n: usize) -> Split {
+        let n = n.min(self.len());
+        let start = (self.len() - n) as i64;
+        Split {
+            images: self.images.narrow(0, start, n as i64),
+            labels: self.labels.narrow(0, start, n as i64),
+        }
+    }
+
     /// A second handle on the same tensors (tensors are not `Clone`; this copies no data).
     pub fn shallow_clone(&self) -> Split {
         Split {

@@ -46,7 +46,8 @@ pub fn conv(layer: &nn::Conv2D, stride: i64, (x, x_dot): &Dual) -> Dual {
     (apply(x, layer.bs.as_ref()), apply(x_dot, None))
 }
 
-/// Training-mode BatchNorm over `[B, C, H, W]`, per channel over (B, H, W):
+/// Training-mode BatchNorm over `[B, C, H, W]` (per channel over B, H, W) or `[B, C]` (per
+/// feature over B):
 ///
 /// ```text
 /// y = γ·x̂ + β,   x̂ = (x − μ)·s,   s = (var + ε)^-1/2
@@ -56,9 +57,18 @@ pub fn conv(layer: &nn::Conv2D, stride: i64, (x, x_dot): &Dual) -> Dual {
 /// The tangent includes the batch statistics' own dependence on x (the mean and x̂ terms).
 /// Reverse mode keeps three activation-sized tensors here (x − μ, x̂, ẋ).
 pub fn batch_norm(layer: &nn::BatchNorm, (x, x_dot): &Dual) -> Dual {
-    let dims: &[i64] = &[0, 2, 3];
+    let maps = x.dim() == 4;
+    let dims: &[i64] = if maps { &[0, 2, 3] } else { &[0] };
     let kind = x.kind();
-    let channel = |t: &Option<Tensor>| t.as_ref().map(|t| t.view([1, -1, 1, 1]));
+    let channel = |t: &Option<Tensor>| {
+        t.as_ref().map(|t| {
+            if maps {
+                t.view([1, -1, 1, 1])
+            } else {
+                t.view([1, -1])
+            }
+        })
+    };
     let (gamma, beta) = (channel(&layer.ws), channel(&layer.bs));
     let centred = x - x.mean_dim(dims, true, kind);
     let invstd = (centred.square().mean_dim(dims, true, kind) + BN_EPS).rsqrt();

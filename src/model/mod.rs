@@ -6,11 +6,13 @@
 //! one file, and backbone names do not depend on K.
 pub mod dual;
 pub mod heads;
+pub mod mlp;
+pub mod network;
 pub mod resnet;
 pub mod splits;
 
 pub use heads::{Head, HeadKind};
-pub use resnet::Arch;
+pub use network::{Arch, Network};
 pub use splits::SplitStrategy;
 
 use crate::Result;
@@ -30,21 +32,56 @@ pub fn with_seed<T>(seed: i64, f: impl FnOnce() -> T) -> T {
     f()
 }
 
-/// Shape of one sample's feature map.
+/// Shape of one sample's features: what a unit outputs and a head reads. Heads adapt to the
+/// kind (a linear head pools maps but reads vectors as they are).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FeatureShape {
-    /// Channels.
-    pub c: i64,
-    /// Height.
-    pub h: i64,
-    /// Width.
-    pub w: i64,
+#[serde(rename_all = "kebab-case")]
+pub enum FeatureShape {
+    /// Feature maps `[C, H, W]` (images, convolutional features).
+    Map {
+        /// Channels.
+        c: i64,
+        /// Height.
+        h: i64,
+        /// Width.
+        w: i64,
+    },
+    /// Feature vectors `[N]` (MLP layers).
+    Vector {
+        /// Features.
+        n: i64,
+    },
 }
 
 impl FeatureShape {
+    /// A feature-map shape.
+    pub fn map(c: i64, h: i64, w: i64) -> Self {
+        FeatureShape::Map { c, h, w }
+    }
+
     /// Elements per sample.
     pub fn elems(&self) -> i64 {
-        self.c * self.h * self.w
+        match *self {
+            FeatureShape::Map { c, h, w } => c * h * w,
+            FeatureShape::Vector { n } => n,
+        }
+    }
+
+    /// Channels of a map or features of a vector: the width a pooled head reads.
+    pub fn channels(&self) -> i64 {
+        match *self {
+            FeatureShape::Map { c, .. } => c,
+            FeatureShape::Vector { n } => n,
+        }
+    }
+}
+
+impl std::fmt::Display for FeatureShape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FeatureShape::Map { c, h, w } => write!(f, "{c}x{h}x{w} feature maps"),
+            FeatureShape::Vector { n } => write!(f, "vectors of {n}"),
+        }
     }
 }
 
@@ -74,7 +111,7 @@ pub struct SplitNet {
     pub vs: nn::VarStore,
     /// What was built.
     pub spec: ModelSpec,
-    units: Vec<resnet::UnitSpec>,
+    units: Vec<network::UnitSpec>,
     modules: Vec<Range<usize>>,
     heads: Vec<Head>,
 }
@@ -97,10 +134,11 @@ impl SplitNet {
     pub fn new(spec: &ModelSpec, device: Device) -> Result<Self> {
         let mut vs = nn::VarStore::new(Device::Cpu);
         let root = vs.root();
-        let units = resnet::units(&root, spec.arch, spec.input);
+        let network = spec.arch.network();
+        let network::Built { units, features } = network.build(&root, spec.input)?;
         let weights: Vec<i64> = units.iter().map(|u| u.activation_elems).collect();
         let modules = splits::split(
-            spec.arch,
+            network,
             spec.modules,
             spec.split,
             &weights,
@@ -110,9 +148,9 @@ impl SplitNet {
         for range in &modules[..modules.len() - 1] {
             let last = range.end - 1;
             let p = &root / "aux" / last;
-            heads.push(Head::new(&p, spec.head, units[last].out, spec.classes));
+            heads.push(Head::new(&p, spec.head, units[last].out, spec.classes)?);
         }
-        heads.push(Head::classifier(&root, resnet::final_width(), spec.classes));
+        heads.push(Head::classifier(&root, features, spec.classes));
         if device != Device::Cpu {
             vs.set_device(device);
         }
@@ -143,7 +181,7 @@ impl SplitNet {
     /// Runs module `k`'s units on `x`.
     ///
     /// # Shapes
-    /// `[B, C_in, H, W]` -> `[B, C_k, H_k, W_k]`.
+    /// `[B, C_in, H, W]` -> `[B, C_k, H_k, W_k]` (maps) or `[B, N_k]` (vectors).
     pub fn forward_module(&self, k: usize, x: &Tensor, train: bool) -> Tensor {
         let range = self.modules[k].clone();
         let mut h = self.units[range.start].layer.forward_t(x, train);
@@ -153,7 +191,7 @@ impl SplitNet {
         h
     }
 
-    /// Logits of module `k`'s head on its output `h`: `[B, C_k, H_k, W_k]` -> `[B, classes]`.
+    /// Logits of module `k`'s head on its output `h` -> `[B, classes]`.
     pub fn head_logits(&self, k: usize, h: &Tensor, train: bool) -> Tensor {
         self.heads[k].forward_t(h, train)
     }

@@ -7,51 +7,152 @@
 //! `fc`), so they do not depend on K and match a PyTorch `state_dict` key by key.
 use super::FeatureShape;
 use super::dual::{self, Dual, ForwardDual};
-use serde::{Deserialize, Serialize};
+use super::network::{Built, Family, Network, Parsed, UnitSpec};
+use super::splits::TableEntry;
+use crate::{Error, Result};
+use std::sync::Arc;
 use tch::{Tensor, nn, nn::ModuleT};
 
-/// The supported network depths.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum Arch {
-    /// ResNet-20 (n = 3, 10 units).
-    Resnet20,
-    /// ResNet-32 (n = 5, 16 units).
-    Resnet32,
-    /// ResNet-56 (n = 9, 28 units).
-    Resnet56,
-    /// ResNet-110 (n = 18, 55 units).
-    Resnet110,
-}
-
-impl Arch {
+/// A CIFAR ResNet of depth 6n + 2 (n basic blocks per stage): `resnet20`, `resnet32`,
+/// `resnet56`, `resnet110`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resnet {
     /// Basic blocks per stage (`n` in depth = 6n + 2).
-    pub fn blocks_per_stage(self) -> usize {
-        match self {
-            Arch::Resnet20 => 3,
-            Arch::Resnet32 => 5,
-            Arch::Resnet56 => 9,
-            Arch::Resnet110 => 18,
+    pub blocks_per_stage: usize,
+}
+
+/// The depths with a name (and, for 32 and 110, InfoPro's split table).
+const DEPTHS: [usize; 4] = [20, 32, 56, 110];
+
+/// Registry entry.
+pub const FAMILY: Family = Family {
+    syntax: "resnet20|resnet32|resnet56|resnet110",
+    parse: parse_name,
+};
+
+fn parse_name(name: &str) -> Parsed {
+    let depth = name.strip_prefix("resnet")?;
+    Some(match depth.parse::<usize>() {
+        Ok(d) if DEPTHS.contains(&d) => Ok(Arc::new(Resnet {
+            blocks_per_stage: (d - 2) / 6,
+        })),
+        _ => Err(format!(
+            "unknown network '{name}': the CIFAR ResNets are resnet20, resnet32, resnet56 and resnet110"
+        )),
+    })
+}
+
+impl Resnet {
+    /// The last unit of an InfoPro cut `[stage, block]` ("after block `block` of stage `stage`";
+    /// stage 0 is the stem), plus one: the exclusive end of the module it closes.
+    fn cut_end(self, [stage, block]: [usize; 2]) -> usize {
+        if stage == 0 {
+            1
+        } else {
+            2 + (stage - 1) * self.blocks_per_stage + block
         }
     }
-    /// Units: the stem plus every residual block.
-    pub fn num_units(self) -> usize {
-        1 + 3 * self.blocks_per_stage()
-    }
-    /// The kebab-case name used on the command line and in run folders.
-    pub fn name(self) -> &'static str {
-        match self {
-            Arch::Resnet20 => "resnet20",
-            Arch::Resnet32 => "resnet32",
-            Arch::Resnet56 => "resnet56",
-            Arch::Resnet110 => "resnet110",
+
+    /// InfoPro's cuts (`networks/configs.py` of the InfoPro-Pytorch repository) for ResNet-32
+    /// and ResNet-110 at K <= 16; `Even` where no published table exists.
+    fn cuts(self) -> &'static [(usize, Option<&'static [[usize; 2]]>)] {
+        match self.blocks_per_stage {
+            3 => &[(1, Some(&[])), (2, None), (4, None), (5, None), (10, None)],
+            5 => &[
+                (1, Some(&[])),
+                (2, Some(&[[2, 1]])),
+                (3, Some(&[[1, 4], [2, 4]])),
+                (4, Some(&[[1, 2], [2, 1], [3, 0]])),
+                (
+                    8,
+                    Some(&[[1, 0], [1, 2], [1, 4], [2, 1], [2, 3], [3, 0], [3, 2]]),
+                ),
+                (16, None),
+            ],
+            9 => &[
+                (1, Some(&[])),
+                (2, None),
+                (4, None),
+                (7, None),
+                (14, None),
+                (28, None),
+            ],
+            _ => &[
+                (1, Some(&[])),
+                (2, Some(&[[2, 8]])),
+                (3, Some(&[[1, 17], [2, 17]])),
+                (4, Some(&[[1, 11], [2, 7], [3, 3]])),
+                (
+                    8,
+                    Some(&[[1, 4], [1, 11], [2, 0], [2, 7], [2, 14], [3, 3], [3, 10]]),
+                ),
+                (
+                    16,
+                    Some(&[
+                        [1, 1],
+                        [1, 4],
+                        [1, 7],
+                        [1, 10],
+                        [1, 13],
+                        [1, 16],
+                        [2, 1],
+                        [2, 4],
+                        [2, 7],
+                        [2, 11],
+                        [2, 15],
+                        [3, 1],
+                        [3, 5],
+                        [3, 9],
+                        [3, 13],
+                    ]),
+                ),
+                (32, None),
+                (55, None),
+            ],
         }
     }
 }
 
-impl std::fmt::Display for Arch {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
+impl Network for Resnet {
+    fn name(&self) -> String {
+        format!("resnet{}", 6 * self.blocks_per_stage + 2)
+    }
+
+    fn num_units(&self) -> usize {
+        1 + 3 * self.blocks_per_stage
+    }
+
+    fn describe_units(&self) -> String {
+        format!("stem + {} residual blocks", 3 * self.blocks_per_stage)
+    }
+
+    fn outputs_maps(&self) -> bool {
+        true
+    }
+
+    fn split_table(&self) -> Vec<(usize, TableEntry)> {
+        self.cuts()
+            .iter()
+            .map(|&(k, cuts)| {
+                let entry = match cuts {
+                    Some(cuts) => TableEntry::Ends(cuts.iter().map(|&c| self.cut_end(c)).collect()),
+                    None => TableEntry::Even,
+                };
+                (k, entry)
+            })
+            .collect()
+    }
+
+    fn build(&self, root: &nn::Path, input: FeatureShape) -> Result<Built> {
+        let FeatureShape::Map { c, h, w } = input else {
+            return Err(Error::Config(format!(
+                "--model {}: needs image inputs, got {input}",
+                self.name()
+            )));
+        };
+        let units = units(root, self.blocks_per_stage, (c, h, w));
+        let features = units[units.len() - 1].out;
+        Ok(Built { units, features })
     }
 }
 
@@ -172,71 +273,39 @@ impl ForwardDual for BasicBlock {
     }
 }
 
-/// What a unit of the network is: a layer with a training/eval forward and a tangent forward.
-pub trait Unit: ModuleT + ForwardDual {}
-impl<T: ModuleT + ForwardDual> Unit for T {}
-
-/// A unit together with the facts the splitter and the memory meter need.
-#[derive(Debug)]
-pub struct UnitSpec {
-    /// The layer itself.
-    pub layer: Box<dyn Unit>,
-    /// Output feature shape for one sample.
-    pub out: FeatureShape,
-    /// Elements per sample of the intermediate tensors this unit creates in a training forward
-    /// (conv, BN, ReLU, add outputs), i.e. what autograd keeps alive until backward.
-    pub activation_elems: i64,
-    /// InfoPro-style location `(stage, block)`; the stem is `(0, 0)`.
-    pub location: (usize, usize),
-    /// Variable-name prefixes of this unit's parameters and buffers (each ends with `.`).
-    pub prefixes: Vec<String>,
-}
-
-/// Builds the units of a CIFAR ResNet on `root` for inputs of `input` shape.
-pub fn units(root: &nn::Path, arch: Arch, input: FeatureShape) -> Vec<UnitSpec> {
-    let mut units = Vec::with_capacity(arch.num_units());
-    let stem_out = FeatureShape {
-        c: STAGE_WIDTHS[0],
-        ..input
-    };
+/// Builds the units of a CIFAR ResNet with `n` blocks per stage on `root` for `(c, h, w)`
+/// inputs: unit 0 is the stem, units 1.. the residual blocks.
+fn units(root: &nn::Path, n: usize, (c, h, w): (i64, i64, i64)) -> Vec<UnitSpec> {
+    let mut units = Vec::with_capacity(1 + 3 * n);
+    let (mut c_in, mut h, mut w) = (STAGE_WIDTHS[0], h, w);
+    let stem_out = FeatureShape::map(STAGE_WIDTHS[0], h, w);
     units.push(UnitSpec {
         layer: Box::new(Stem {
-            conv: conv(root / "conv1", input.c, STAGE_WIDTHS[0], 3, 1),
+            conv: conv(root / "conv1", c, STAGE_WIDTHS[0], 3, 1),
             bn: batch_norm(root / "bn1", STAGE_WIDTHS[0]),
         }),
         out: stem_out,
         // conv, BN and ReLU outputs.
         activation_elems: 3 * stem_out.elems(),
-        location: (0, 0),
         prefixes: vec!["conv1.".into(), "bn1.".into()],
     });
-    let mut shape = stem_out;
     for (stage, &width) in STAGE_WIDTHS.iter().enumerate() {
         let p = root / format!("layer{}", stage + 1);
-        for block in 0..arch.blocks_per_stage() {
+        for block in 0..n {
             let stride = if stage > 0 && block == 0 { 2 } else { 1 };
-            let out = FeatureShape {
-                c: width,
-                h: (shape.h - 1) / stride + 1,
-                w: (shape.w - 1) / stride + 1,
-            };
-            let projects = stride != 1 || shape.c != width;
+            (h, w) = ((h - 1) / stride + 1, (w - 1) / stride + 1);
+            let out = FeatureShape::map(width, h, w);
+            let projects = stride != 1 || c_in != width;
             // conv1, bn1, relu, conv2, bn2, add, relu (+ projection conv and BN).
             let tensors = if projects { 9 } else { 7 };
             units.push(UnitSpec {
-                layer: Box::new(BasicBlock::new(&(&p / block), shape.c, width, stride)),
+                layer: Box::new(BasicBlock::new(&(&p / block), c_in, width, stride)),
                 out,
                 activation_elems: tensors * out.elems(),
-                location: (stage + 1, block),
                 prefixes: vec![format!("layer{}.{block}.", stage + 1)],
             });
-            shape = out;
+            c_in = width;
         }
     }
     units
-}
-
-/// Width of the last stage, i.e. the classifier's input features.
-pub fn final_width() -> i64 {
-    STAGE_WIDTHS[2]
 }

@@ -1,7 +1,7 @@
 //! Where a network is cut into K gradient-isolated modules. Split points are data: one table
 //! per network, in InfoPro's notation (a cut `[stage, block]` means "after block `block` of
 //! stage `stage`"; stage 0 is the stem), converted once into contiguous unit ranges.
-use super::resnet::Arch;
+use super::network::{Arch, Network};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::ops::Range;
@@ -32,99 +32,35 @@ pub struct PenaltyCost {
     pub factor: f64,
 }
 
-/// One entry of a split table.
-enum Entry {
-    /// Explicit cuts in InfoPro's `[stage, block]` notation.
-    Cuts(&'static [[usize; 2]]),
-    /// Balanced by unit count (used where no published table exists).
+/// How one entry of a network's split table cuts its units.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TableEntry {
+    /// Explicit cuts: the exclusive end unit of every module but the last, increasing.
+    Ends(Vec<usize>),
+    /// Balanced by unit count (where no published table exists).
     Even,
 }
 
-/// The split table: ResNet-32/110 entries for K <= 16 are InfoPro's
-/// (`networks/configs.py` of the InfoPro-Pytorch repository); K = units is one module per unit.
-fn table(arch: Arch) -> &'static [(usize, Entry)] {
-    use Entry::*;
-    match arch {
-        Arch::Resnet20 => &[(1, Cuts(&[])), (2, Even), (4, Even), (5, Even), (10, Even)],
-        Arch::Resnet32 => &[
-            (1, Cuts(&[])),
-            (2, Cuts(&[[2, 1]])),
-            (3, Cuts(&[[1, 4], [2, 4]])),
-            (4, Cuts(&[[1, 2], [2, 1], [3, 0]])),
-            (
-                8,
-                Cuts(&[[1, 0], [1, 2], [1, 4], [2, 1], [2, 3], [3, 0], [3, 2]]),
-            ),
-            (16, Even),
-        ],
-        Arch::Resnet56 => &[
-            (1, Cuts(&[])),
-            (2, Even),
-            (4, Even),
-            (7, Even),
-            (14, Even),
-            (28, Even),
-        ],
-        Arch::Resnet110 => &[
-            (1, Cuts(&[])),
-            (2, Cuts(&[[2, 8]])),
-            (3, Cuts(&[[1, 17], [2, 17]])),
-            (4, Cuts(&[[1, 11], [2, 7], [3, 3]])),
-            (
-                8,
-                Cuts(&[[1, 4], [1, 11], [2, 0], [2, 7], [2, 14], [3, 3], [3, 10]]),
-            ),
-            (
-                16,
-                Cuts(&[
-                    [1, 1],
-                    [1, 4],
-                    [1, 7],
-                    [1, 10],
-                    [1, 13],
-                    [1, 16],
-                    [2, 1],
-                    [2, 4],
-                    [2, 7],
-                    [2, 11],
-                    [2, 15],
-                    [3, 1],
-                    [3, 5],
-                    [3, 9],
-                    [3, 13],
-                ]),
-            ),
-            (32, Even),
-            (55, Even),
-        ],
-    }
+/// The K values in `net`'s split table.
+pub fn table_ks(net: &dyn Network) -> Vec<usize> {
+    net.split_table().iter().map(|(k, _)| *k).collect()
 }
 
-/// The K values in `arch`'s split table.
-pub fn table_ks(arch: Arch) -> Vec<usize> {
-    table(arch).iter().map(|(k, _)| *k).collect()
-}
-
-/// Converts InfoPro cuts into unit ranges and checks them (K-1 strictly increasing cuts inside
-/// the network).
-fn ranges_from_cuts(arch: Arch, cuts: &[[usize; 2]]) -> Result<Vec<Range<usize>>> {
-    let n = arch.blocks_per_stage();
-    let units = arch.num_units();
-    let mut ranges = Vec::with_capacity(cuts.len() + 1);
+/// Converts module ends into unit ranges and checks them (strictly increasing, inside the
+/// network).
+fn ranges_from_ends(net: &dyn Network, ends: &[usize]) -> Result<Vec<Range<usize>>> {
+    let units = net.num_units();
+    let mut ranges = Vec::with_capacity(ends.len() + 1);
     let mut start = 0;
-    for &[stage, block] in cuts {
-        let last = if stage == 0 {
-            0
-        } else {
-            1 + (stage - 1) * n + block
-        };
-        if stage > 3 || block >= n || last < start || last + 1 >= units {
+    for &end in ends {
+        if end <= start || end >= units {
             return Err(Error::Config(format!(
-                "invalid cut [{stage}, {block}] for {arch}"
+                "invalid cut before unit {end} in the split table of {}",
+                net.name()
             )));
         }
-        ranges.push(start..last + 1);
-        start = last + 1;
+        ranges.push(start..end);
+        start = end;
     }
     ranges.push(start..units);
     Ok(ranges)
@@ -192,34 +128,37 @@ pub fn balanced_scaled(weights: &[i64], factors: &[f64]) -> Vec<Range<usize>> {
 
 /// Checks that `arch` can be cut into `k` modules with `strategy`, without building anything
 /// (the same errors as [`split`]).
-pub fn check_k(arch: Arch, k: usize, strategy: SplitStrategy) -> Result<()> {
-    split(arch, k, strategy, &vec![1; arch.num_units()], None).map(|_| ())
+pub fn check_k(arch: &Arch, k: usize, strategy: SplitStrategy) -> Result<()> {
+    let net = arch.network();
+    split(net, k, strategy, &vec![1; net.num_units()], None).map(|_| ())
 }
 
-/// Resolves the module ranges for `arch` cut into `k` modules. `unit_weights` (activation
+/// Resolves the module ranges for `net` cut into `k` modules. `unit_weights` (activation
 /// elements per unit) and `penalty` (what the rule adds to some modules) are used by
 /// [`SplitStrategy::BalancedMemory`].
 pub fn split(
-    arch: Arch,
+    net: &dyn Network,
     k: usize,
     strategy: SplitStrategy,
     unit_weights: &[i64],
     penalty: Option<PenaltyCost>,
 ) -> Result<Vec<Range<usize>>> {
-    let units = arch.num_units();
+    let units = net.num_units();
     if k == 0 || k > units {
         return Err(Error::Config(format!(
-            "--modules {k} is not possible for {arch}: it has {units} units (stem + {} residual blocks), so K must be 1..={units}",
-            units - 1
+            "--modules {k} is not possible for {}: it has {units} units ({}), so K must be 1..={units}",
+            net.name(),
+            net.describe_units()
         )));
     }
     match strategy {
-        SplitStrategy::Table => match table(arch).iter().find(|(kk, _)| *kk == k) {
-            Some((_, Entry::Cuts(cuts))) => ranges_from_cuts(arch, cuts),
-            Some((_, Entry::Even)) => Ok(even(units, k)),
+        SplitStrategy::Table => match net.split_table().into_iter().find(|(kk, _)| *kk == k) {
+            Some((_, TableEntry::Ends(ends))) => ranges_from_ends(net, &ends),
+            Some((_, TableEntry::Even)) => Ok(even(units, k)),
             None => Err(Error::Config(format!(
-                "--modules {k} is not in the split table of {arch} (supported: {}); use --split even or --split balanced-memory for other K",
-                table_ks(arch)
+                "--modules {k} is not in the split table of {} (supported: {}); use --split even or --split balanced-memory for other K",
+                net.name(),
+                table_ks(net)
                     .iter()
                     .map(|k| k.to_string())
                     .collect::<Vec<_>>()
@@ -243,6 +182,10 @@ pub fn split(
 mod tests {
     use super::*;
 
+    fn named(name: &str) -> Arch {
+        name.parse().unwrap()
+    }
+
     fn covers(ranges: &[Range<usize>], n: usize) -> bool {
         ranges.first().map(|r| r.start) == Some(0)
             && ranges.last().map(|r| r.end) == Some(n)
@@ -252,14 +195,11 @@ mod tests {
 
     #[test]
     fn every_table_entry_partitions_the_units() {
-        for arch in [
-            Arch::Resnet20,
-            Arch::Resnet32,
-            Arch::Resnet56,
-            Arch::Resnet110,
-        ] {
-            for k in table_ks(arch) {
-                let r = split(arch, k, SplitStrategy::Table, &[], None).unwrap();
+        for name in ["resnet20", "resnet32", "resnet56", "resnet110", "mlp-8x16"] {
+            let arch = named(name);
+            let net = arch.network();
+            for k in table_ks(net) {
+                let r = split(net, k, SplitStrategy::Table, &[], None).unwrap();
                 assert_eq!(r.len(), k, "{arch} K={k}");
                 assert!(covers(&r, arch.num_units()), "{arch} K={k}: {r:?}");
             }
@@ -268,33 +208,82 @@ mod tests {
 
     #[test]
     fn infopro_resnet32_k2_cuts_after_unit_7() {
-        let r = split(Arch::Resnet32, 2, SplitStrategy::Table, &[], None).unwrap();
+        let r = split(
+            named("resnet32").network(),
+            2,
+            SplitStrategy::Table,
+            &[],
+            None,
+        )
+        .unwrap();
         assert_eq!(r, vec![0..8, 8..16]);
-        let r = split(Arch::Resnet32, 4, SplitStrategy::Table, &[], None).unwrap();
+        let r = split(
+            named("resnet32").network(),
+            4,
+            SplitStrategy::Table,
+            &[],
+            None,
+        )
+        .unwrap();
         assert_eq!(r, vec![0..4, 4..8, 8..12, 12..16]);
     }
 
     #[test]
     fn one_module_per_unit_at_full_k() {
-        let r = split(Arch::Resnet110, 55, SplitStrategy::Table, &[], None).unwrap();
+        let r = split(
+            named("resnet110").network(),
+            55,
+            SplitStrategy::Table,
+            &[],
+            None,
+        )
+        .unwrap();
         assert!(r.iter().enumerate().all(|(i, r)| *r == (i..i + 1)));
         assert_eq!(
-            split(Arch::Resnet32, 16, SplitStrategy::Table, &[], None).unwrap(),
+            split(
+                named("resnet32").network(),
+                16,
+                SplitStrategy::Table,
+                &[],
+                None
+            )
+            .unwrap(),
             even(16, 16)
         );
     }
 
     #[test]
     fn bad_k_is_a_config_error_listing_supported_values() {
-        let e = split(Arch::Resnet32, 17, SplitStrategy::Table, &[], None)
-            .unwrap_err()
-            .to_string();
+        let e = split(
+            named("resnet32").network(),
+            17,
+            SplitStrategy::Table,
+            &[],
+            None,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("1..=16"), "{e}");
-        let e = split(Arch::Resnet32, 5, SplitStrategy::Table, &[], None)
-            .unwrap_err()
-            .to_string();
+        let e = split(
+            named("resnet32").network(),
+            5,
+            SplitStrategy::Table,
+            &[],
+            None,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("1, 2, 3, 4, 8, 16"), "{e}");
-        assert!(split(Arch::Resnet32, 5, SplitStrategy::Even, &[], None).is_ok());
+        assert!(
+            split(
+                named("resnet32").network(),
+                5,
+                SplitStrategy::Even,
+                &[],
+                None
+            )
+            .is_ok()
+        );
     }
 
     #[test]
@@ -349,7 +338,7 @@ mod tests {
             factor: 2.5,
         });
         let via_split = split(
-            Arch::Resnet20,
+            named("resnet20").network(),
             3,
             SplitStrategy::BalancedMemory,
             &[6, 5, 4, 4, 3, 2, 2, 1, 1, 1],

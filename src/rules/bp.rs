@@ -3,7 +3,7 @@
 //! The backbone and classifier get the gradient of the last loss only. When K > 1, the auxiliary
 //! heads still exist and are trained on *detached* module outputs, so they act as depth-wise
 //! probes (their accuracies are comparable to the local rules') without changing the backbone.
-use super::{Rule, StepRecorder, StepStats, cross_entropy};
+use super::{Rule, StepContext, StepRecorder, StepStats, cross_entropy};
 use crate::Result;
 use crate::data::Batch;
 use crate::model::SplitNet;
@@ -12,7 +12,7 @@ use crate::model::SplitNet;
 pub struct Bp;
 
 impl Rule for Bp {
-    fn step(&self, net: &SplitNet, batch: &Batch, _global_step: usize) -> Result<StepStats> {
+    fn step(&self, net: &SplitNet, batch: &Batch, _at: &StepContext) -> Result<StepStats> {
         let modules = net.num_modules();
         let mut h = batch.images.shallow_clone();
         let mut total = None;

@@ -4,7 +4,7 @@
 //! *detached*, so its local loss L_k = CE(head_k(f_k(sg(h_{k-1}))), y) reaches only θ_k and the
 //! head's parameters. Its graph is released by its own backward before module k+1 runs, which
 //! is where the memory saving comes from: only one module's activations are alive at a time.
-use super::{Rule, StepRecorder, StepStats, cross_entropy};
+use super::{Rule, StepContext, StepRecorder, StepStats, cross_entropy};
 use crate::Result;
 use crate::data::Batch;
 use crate::model::SplitNet;
@@ -13,7 +13,7 @@ use crate::model::SplitNet;
 pub struct Dgl;
 
 impl Rule for Dgl {
-    fn step(&self, net: &SplitNet, batch: &Batch, _global_step: usize) -> Result<StepStats> {
+    fn step(&self, net: &SplitNet, batch: &Batch, _at: &StepContext) -> Result<StepStats> {
         let modules = net.num_modules();
         let mut h = batch.images.shallow_clone();
         let mut record = StepRecorder::new(modules, batch.labels.size()[0]);

@@ -14,7 +14,7 @@ use crate::model::splits::PenaltyCost;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-pub use sgr::{SgrConfig, SgrDistance, SgrGrad};
+pub use sgr::{LambdaSchedule, SgrConfig, SgrDistance, SgrGrad, SgrSide};
 
 /// The available rules.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
@@ -51,7 +51,7 @@ impl std::fmt::Display for RuleKind {
 pub struct StepStats {
     /// Local loss of every module (the last one is the network's loss).
     pub module_losses: Vec<f64>,
-    /// SGR penalty D(·,·) of every module (0 where it was not applied).
+    /// SGR penalty D(·,·) of every module (the sum when both sides apply; 0 where none was).
     pub penalties: Vec<f64>,
     /// Whether the penalty was applied to each module in this step (a penalty can be 0 when
     /// applied, so [`StepStats::penalties`] alone cannot tell; epoch means count these steps).
@@ -69,11 +69,30 @@ impl StepStats {
     }
 }
 
+/// Where in training a step is.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct StepContext {
+    /// Optimizer steps taken before this one.
+    pub global_step: usize,
+    /// Progress in epochs at this step (`epoch + step / steps_per_epoch`, steps that run).
+    pub epoch: f64,
+}
+
+impl StepContext {
+    /// The context of step `global_step` when progress does not matter (tests, benchmarks).
+    pub fn at_step(global_step: usize) -> Self {
+        StepContext {
+            global_step,
+            epoch: 0.0,
+        }
+    }
+}
+
 /// One training step.
 pub trait Rule {
-    /// Forward and backward on `batch` at optimizer step `global_step`, leaving gradients in
-    /// `net`'s parameters (which the caller zeroed).
-    fn step(&self, net: &SplitNet, batch: &Batch, global_step: usize) -> Result<StepStats>;
+    /// Forward and backward on `batch` at `at`, leaving gradients in `net`'s parameters (which
+    /// the caller zeroed).
+    fn step(&self, net: &SplitNet, batch: &Batch, at: &StepContext) -> Result<StepStats>;
 }
 
 /// Builds the rule `kind`; `sgr` is used by the SGR rule only.
@@ -141,9 +160,14 @@ impl StepRecorder {
         }
     }
 
-    /// Records module `k`'s SGR penalty D.
+    /// Adds `penalty` to module `k`'s SGR penalty D (with `--sgr-side both` a module minimises
+    /// one on each side).
     pub(crate) fn penalty(&mut self, k: usize, penalty: &Tensor) {
-        self.penalties[k] = Some(penalty.detach());
+        let penalty = penalty.detach();
+        self.penalties[k] = Some(match self.penalties[k].take() {
+            Some(p) => p + penalty,
+            None => penalty,
+        });
     }
 
     /// The step's numbers on the host (one device-to-host copy).

@@ -37,7 +37,7 @@
 //! to rounding (tested to 1e-10 in f64) and needs less memory at every K ≥ 4 (ResNet-32, batch
 //! 128: 160 vs 300 MiB at K=4, 136 vs 184 at K=16), for 1.2–1.4x the time (BENCHMARKS.md).
 //! See `../shared/research/paper.md` §3.3–3.6 for which parts are confirmed and which are ours.
-use super::{Rule, StepRecorder, StepStats, cross_entropy};
+use super::{Rule, StepContext, StepRecorder, StepStats, cross_entropy};
 use crate::Result;
 use crate::data::Batch;
 use crate::model::SplitNet;
@@ -53,8 +53,50 @@ pub enum SgrDistance {
     /// Per-sample-normalised squared L2 distance.
     #[default]
     L2,
-    /// One minus the cosine similarity.
+    /// One minus the cosine similarity of the batch-flattened gradients.
     Cosine,
+    /// The mean over samples of one minus the cosine similarity of per-sample gradients:
+    /// scale-invariant per sample, so a few high-loss samples cannot dominate.
+    CosineSample,
+}
+
+/// Which side of a boundary the penalty shapes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum SgrSide {
+    /// Module k shapes its input gradient ∂L_k/∂h_{k-1} toward module k-1's forwarded
+    /// output gradient (the rule as first built).
+    #[default]
+    Receiver,
+    /// Module k-1 shapes its output gradient ∂L_{k-1}/∂h_{k-1} toward module k's input
+    /// gradient on the same batch (detached, at module k's current parameters).
+    Sender,
+    /// Both penalties at every regularised boundary.
+    Both,
+}
+
+impl SgrSide {
+    /// Whether the receiving module is penalised.
+    pub fn receiver(self) -> bool {
+        matches!(self, SgrSide::Receiver | SgrSide::Both)
+    }
+    /// Whether the sending module is penalised.
+    pub fn sender(self) -> bool {
+        matches!(self, SgrSide::Sender | SgrSide::Both)
+    }
+}
+
+/// How λ changes over training.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum LambdaSchedule {
+    /// λ throughout.
+    #[default]
+    Constant,
+    /// λ ramped linearly up from 0 over the first `span` epochs, then constant.
+    Warmup,
+    /// λ annealed linearly down to 0 over the first `span` epochs, then 0 (plain `dgl`).
+    Decay,
 }
 
 /// How the penalty's parameter gradient is computed.
@@ -87,6 +129,12 @@ pub struct SgrConfig {
     pub grad: SgrGrad,
     /// Relative finite-difference step (ε·‖v‖/‖h‖).
     pub fd_eps: f64,
+    /// Which side of each boundary is penalised.
+    pub side: SgrSide,
+    /// How λ changes over training.
+    pub schedule: LambdaSchedule,
+    /// Epochs the λ schedule spans (its ramp or its decay).
+    pub schedule_epochs: f64,
 }
 
 impl Default for SgrConfig {
@@ -98,11 +146,28 @@ impl Default for SgrConfig {
             every: 1,
             grad: SgrGrad::Exact,
             fd_eps: 3e-2,
+            side: SgrSide::Receiver,
+            schedule: LambdaSchedule::Constant,
+            schedule_epochs: 1.0,
         }
     }
 }
 
 impl SgrConfig {
+    /// λ at `epoch` (fractional progress in epochs) under the λ schedule.
+    pub fn lambda_at(&self, epoch: f64) -> f64 {
+        let done = if self.schedule_epochs > 0.0 {
+            (epoch / self.schedule_epochs).clamp(0.0, 1.0)
+        } else {
+            1.0
+        };
+        match self.schedule {
+            LambdaSchedule::Constant => self.lambda,
+            LambdaSchedule::Warmup => self.lambda * done,
+            LambdaSchedule::Decay => self.lambda * (1.0 - done),
+        }
+    }
+
     /// What the penalty adds to the memory of the modules it regularises, relative to `dgl`,
     /// for `--split balanced-memory` (`None` when the penalty is off). The factors are measured
     /// module-level peaks on ResNet-32 (BENCHMARKS.md, SGR memory table): exact 2.1–2.6x, fd
@@ -129,6 +194,18 @@ pub fn distance(kind: SgrDistance, g_in: &Tensor, target: &Tensor) -> Tensor {
             let dot = (g_in * target).sum(g_in.kind());
             1.0 - dot / (g_in.norm() * target.norm() + 1e-12)
         }
+        SgrDistance::CosineSample => {
+            let kind = g_in.kind();
+            let b = g_in.size()[0];
+            let (g, t) = (g_in.reshape([b, -1]), target.reshape([b, -1]));
+            let dot = (&g * &t).sum_dim_intlist(1, false, kind);
+            let norms = g.norm_scalaropt_dim(2, [1], false) * t.norm_scalaropt_dim(2, [1], false);
+            // A confidently right sample has a near-zero gradient whose direction is noise, and
+            // the cosine's gradient grows like 1/‖g_i‖: a floor at 1e-3 of the batch's mean norm
+            // product (a constant) keeps such samples from dominating the penalty's gradient.
+            let floor = norms.detach().mean(kind) * 1e-3 + 1e-30;
+            1.0 - (dot / norms.maximum(&floor)).mean(kind)
+        }
     }
 }
 
@@ -136,24 +213,34 @@ pub fn distance(kind: SgrDistance, g_in: &Tensor, target: &Tensor) -> Tensor {
 pub struct Sgr(pub SgrConfig);
 
 impl Rule for Sgr {
-    fn step(&self, net: &SplitNet, batch: &Batch, global_step: usize) -> Result<StepStats> {
+    fn step(&self, net: &SplitNet, batch: &Batch, at: &StepContext) -> Result<StepStats> {
         let cfg = &self.0;
         let modules = net.num_modules();
-        let active = cfg.lambda != 0.0 && global_step.is_multiple_of(cfg.every.max(1));
+        let lambda = cfg.lambda_at(at.epoch);
+        let active = lambda != 0.0 && at.global_step.is_multiple_of(cfg.every.max(1));
+        let (receiver, sender) = (active && cfg.side.receiver(), active && cfg.side.sender());
         let labels = &batch.labels;
         let mut record = StepRecorder::new(modules, labels.size()[0]);
         let mut h = batch.images.shallow_clone();
         let mut prev_output_grad: Option<Tensor> = None;
+        // The previous module's input, kept for its sender-side penalty (recomputed after this
+        // module has given its input gradient, so two graphs are never alive at once).
+        let mut prev_input: Option<Tensor> = None;
         for k in 0..modules {
-            // Module numbers are 1-based in the CLI: module k here is number k + 1.
-            let target = prev_output_grad
-                .take()
-                .filter(|_| active && k + 1 >= cfg.from);
-            let sends = active && k + 1 < modules && k + 2 >= cfg.from;
-            let h_in = h.detach().set_requires_grad(target.is_some());
+            // Module numbers are 1-based in the CLI: module k here is number k + 1, and the
+            // boundary in front of it is regularised when k + 1 >= from.
+            let boundary = k >= 1 && k + 1 >= cfg.from;
+            let target = prev_output_grad.take().filter(|_| receiver && boundary);
+            let sends = receiver && k + 1 < modules && k + 2 >= cfg.from;
+            let gives_target = sender && boundary;
+            let h_in = h
+                .detach()
+                .set_requires_grad(target.is_some() || gives_target);
             let h_out = net.forward_module(k, &h_in, true);
             let h_next = h_out.detach();
             let last = k + 1 == modules;
+            // ∂L_k/∂h_in of the plain loss, detached: the sender-side target of module k-1.
+            let mut input_grad_of_plain_loss = None;
             prev_output_grad = match target {
                 Some(target) if cfg.grad == SgrGrad::Exact => {
                     let logits = net.head_logits(k, &h_out, true);
@@ -164,11 +251,12 @@ impl Rule for Sgr {
                     let mut grads = Tensor::run_backward(&[&loss], inputs, true, true);
                     let output_grad = sends.then(|| grads.pop().map(|g| g.detach())).flatten();
                     let input_grad = grads.remove(0);
+                    input_grad_of_plain_loss = gives_target.then(|| input_grad.detach());
                     let penalty = distance(cfg.distance, &input_grad, &target);
                     record.penalty(k, &penalty);
                     // Only the penalty's own graph needs the two gradients from here on.
                     drop((input_grad, target));
-                    (loss + penalty * cfg.lambda).backward();
+                    (loss + penalty * lambda).backward();
                     output_grad
                 }
                 Some(target) => {
@@ -182,9 +270,9 @@ impl Rule for Sgr {
                     let (penalty, direction) = penalty_direction(cfg, input_grad, target);
                     record.penalty(k, &penalty);
                     if cfg.grad == SgrGrad::Jvp {
-                        tangent_penalty(net, k, &h, direction, labels, cfg.lambda);
+                        tangent_penalty(net, k, &h, direction, labels, lambda);
                     } else {
-                        finite_difference_penalty(net, k, &h, direction, labels, cfg);
+                        finite_difference_penalty(net, k, &h, direction, labels, cfg, lambda);
                     }
                     // Taken now rather than in the backward above, so that it is not held
                     // through the penalty passes (one activation-sized tensor less at the peak).
@@ -193,13 +281,46 @@ impl Rule for Sgr {
                 None => {
                     let (loss, logits, output_grad) = local_backward(net, k, &h_out, labels, sends);
                     record.loss(&loss, &logits, labels, last);
+                    input_grad_of_plain_loss = gives_target.then(|| h_in.grad().detach());
                     output_grad
                 }
             };
+            if let (Some(target), Some(input)) = (input_grad_of_plain_loss, prev_input.take()) {
+                let penalty = sender_penalty(net, k - 1, &input, &target, labels, cfg, lambda);
+                record.penalty(k - 1, &penalty);
+            }
+            if sender {
+                prev_input = Some(h.detach());
+            }
             h = h_next;
         }
         Ok(record.finish())
     }
+}
+
+/// The sender-side penalty of module `j`: adds `λ·∇ D(∂L_j/∂h_j, target)` to module `j`'s
+/// parameter and head gradients, exactly (double backward), where `target` is module j+1's
+/// detached plain-loss input gradient on the same batch. Module `j` is recomputed from its
+/// (detached) `input` with its buffers frozen: the batch statistics, and so the function, are
+/// those of the step's forward, and the running statistics move once per step as in `dgl`.
+/// The penalty reaches θ_j through the head and through h_j; nothing leaves the module.
+fn sender_penalty(
+    net: &SplitNet,
+    j: usize,
+    input: &Tensor,
+    target: &Tensor,
+    labels: &Tensor,
+    cfg: &SgrConfig,
+    lambda: f64,
+) -> Tensor {
+    net.with_frozen_module_buffers(j, || {
+        let h_out = net.forward_module(j, input, true);
+        let loss = cross_entropy(&net.head_logits(j, &h_out, true), labels);
+        let output_grad = Tensor::run_backward(&[&loss], &[&h_out], true, true).remove(0);
+        let penalty = distance(cfg.distance, &output_grad, target);
+        (&penalty * lambda).backward();
+        penalty.detach()
+    })
 }
 
 /// Back-propagates module `k`'s plain local loss through its head and units (one pass) and
@@ -330,6 +451,7 @@ fn finite_difference_penalty(
     mut v: Tensor,
     labels: &Tensor,
     cfg: &SgrConfig,
+    lambda: f64,
 ) {
     // ε = fd_eps·‖h‖/‖v‖ as a device scalar (no host round trip); v is scaled to ε·v in place.
     let h = h_in.detach();
@@ -353,7 +475,7 @@ fn finite_difference_penalty(
     let plus = grads_at(&x);
     let _ = tch::no_grad(|| x.neg_().g_add_(&h).g_add_(&h));
     let minus = grads_at(&x);
-    let scale = eps.reciprocal() * (cfg.lambda / 2.0);
+    let scale = eps.reciprocal() * (lambda / 2.0);
     tch::no_grad(|| {
         for ((p, gp), gm) in params.iter().zip(plus).zip(minus) {
             let _ = p.grad().g_add_(&((gp - gm) * &scale));
@@ -377,7 +499,7 @@ mod tests {
             None,
         )
         .unwrap();
-        let input = FeatureShape { c: 1, h: 8, w: 8 };
+        let input = FeatureShape::map(1, 8, 8);
         let (net, x, labels) = crate::model::with_seed(3, || {
             (
                 SplitNet::new(&cfg.model_spec(input, 3), Device::Cpu).unwrap(),
@@ -399,7 +521,7 @@ mod tests {
             grad: SgrGrad::Fd,
             ..Default::default()
         };
-        finite_difference_penalty(&net, 1, &h, v, &labels, &sgr);
+        finite_difference_penalty(&net, 1, &h, v, &labels, &sgr, sgr.lambda);
         let moved = (&h - &before).abs().max().double_value(&[]);
         assert_eq!(moved, 0.0, "the ± passes left h moved by up to {moved}");
     }

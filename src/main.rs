@@ -85,6 +85,10 @@ enum Command {
         /// `threads` get max(1, cores / N) threads. At most the preset's number of cells.
         #[arg(long, default_value_t = 1)]
         jobs: usize,
+        /// Run every cell on this device instead of the preset's (a run-only field: a sweep
+        /// folder can be continued on another device).
+        #[arg(long)]
+        device: Option<DeviceKind>,
     },
     /// Write report.md, report.json and plots (PNG, SVG) from a sweep folder.
     Report {
@@ -301,11 +305,17 @@ fn grid(args: &GridArgs) -> Result<()> {
     Ok(())
 }
 
-fn sweep(preset: &str, out: Option<PathBuf>, dry_run: bool, jobs: usize) -> Result<()> {
+fn sweep(
+    preset: &str,
+    out: Option<PathBuf>,
+    dry_run: bool,
+    jobs: usize,
+    device: Option<DeviceKind>,
+) -> Result<()> {
     let path = sgr::preset::resolve(preset)?;
     let out =
         out.unwrap_or_else(|| Path::new("runs").join(path.file_stem().unwrap_or(path.as_os_str())));
-    let o = sgr::sweep::run(&path, &out, dry_run, jobs)?;
+    let o = sgr::sweep::run(&path, &out, dry_run, jobs, device)?;
     if dry_run {
         return Ok(());
     }
@@ -404,7 +414,8 @@ fn run(cli: Cli) -> Result<()> {
             out,
             dry_run,
             jobs,
-        } => sweep(&preset, out, dry_run, jobs),
+            device,
+        } => sweep(&preset, out, dry_run, jobs, device),
         Command::Report { dir, out } => report(&dir, out),
         Command::InternalPanic => panic!("deliberate panic (sgr internal-panic)"),
         Command::Bench { command } => match *command {

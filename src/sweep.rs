@@ -14,7 +14,7 @@
 //!
 //! With `--jobs N`, a cell whose preset does not set `threads` gets `max(1, cores / N)` libtorch
 //! threads, so N cells share the machine instead of each spinning on every core.
-use crate::config::TrainConfig;
+use crate::config::{DeviceKind, TrainConfig};
 use crate::preset::{self, Cell, Preset};
 use crate::{Error, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -421,9 +421,21 @@ struct Finished {
 }
 
 /// Runs (or with `dry_run`, only checks and lists) the sweep of the preset file `preset_path`
-/// into `out`, `jobs` cells at once.
-pub fn run(preset_path: &Path, out: &Path, dry_run: bool, jobs: usize) -> Result<Outcome> {
+/// into `out`, `jobs` cells at once, on `device` when given instead of the preset's (the device
+/// is a run-only field, so one sweep folder can be continued on another device).
+pub fn run(
+    preset_path: &Path,
+    out: &Path,
+    dry_run: bool,
+    jobs: usize,
+    device: Option<DeviceKind>,
+) -> Result<Outcome> {
     let (preset, mut cells) = preset::load(preset_path)?;
+    if let Some(device) = device {
+        for c in cells.iter_mut() {
+            c.config.device = device;
+        }
+    }
     let total = cells.len();
     check_jobs(jobs, total)?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());

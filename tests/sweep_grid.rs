@@ -649,3 +649,21 @@ fn old_sweep_records_still_read() {
     assert_eq!((c.name.as_str(), c.setting.as_deref()), ("bp-k1-s0", None));
     assert!(c.axes.is_empty() && c.started.is_none());
 }
+
+#[test]
+fn device_flag_runs_every_cell_on_the_given_device() {
+    // A preset written for a GPU runs on the CPU with `--device cpu`, and the cells record it.
+    let tmp = tempfile::tempdir().unwrap();
+    let preset = tmp.path().join("gpu.toml");
+    write(
+        &preset,
+        &format!(
+            "{HEAD}rules = [\"dgl\"]\nmodules = [2]\nseeds = [0]\ntrain_subset = 64\n[train]\nsplit = \"even\"\ndevice = \"cuda\"\nthreads = 1\nmax_steps_per_epoch = 2\n"
+        ),
+    );
+    let out = sweep(tmp.path(), &preset, "s", &["--device", "cpu"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let config = read_json(&tmp.path().join("s/dgl-k2-s0/config.json"));
+    assert_eq!(config["device"], json!("cpu"));
+    assert!(tmp.path().join("s/dgl-k2-s0/summary.json").exists());
+}

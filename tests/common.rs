@@ -18,8 +18,21 @@ pub fn tiny_net_with_head(
     double: bool,
     seed: i64,
 ) -> SplitNet {
+    tiny("resnet20", head, modules, (c, s), double, seed)
+}
+
+/// Network `arch` with `head` heads cut evenly into `modules` modules, on `c`x`s`x`s` inputs
+/// with 3 classes, drawn from `seed` (in f64 if `double`).
+fn tiny(
+    arch: &str,
+    head: HeadKind,
+    modules: usize,
+    (c, s): (i64, i64),
+    double: bool,
+    seed: i64,
+) -> SplitNet {
     let spec = ModelSpec {
-        arch: "resnet20".parse::<Arch>().unwrap(),
+        arch: arch.parse::<Arch>().unwrap(),
         modules,
         split: SplitStrategy::Even,
         head,
@@ -159,18 +172,12 @@ pub fn tiny_mlp(
     double: bool,
     seed: i64,
 ) -> SplitNet {
-    let spec = ModelSpec {
-        arch: format!("mlp-{depth}x{width}").parse::<Arch>().unwrap(),
-        modules,
-        split: SplitStrategy::Even,
+    tiny(
+        &format!("mlp-{depth}x{width}"),
         head,
-        input: FeatureShape::map(c, s, s),
-        classes: 3,
-        penalty_cost: None,
-    };
-    let mut net = sgr::model::with_seed(seed, || SplitNet::new(&spec, Device::Cpu)).unwrap();
-    if double {
-        net.vs.double();
-    }
-    net
+        modules,
+        (c, s),
+        double,
+        seed,
+    )
 }

@@ -72,8 +72,11 @@ fn shipped_presets_are_valid() {
     for (name, cells) in [
         ("fmnist-quick", 10),
         ("fmnist-full", 27),
-        ("cifar10-paper-r32", 27),
-        ("cifar10-paper-r110", 39),
+        ("cifar10-paper-r32", 39),
+        ("cifar10-paper-r110", 57),
+        ("study-mlp-screen", 28),
+        ("study-mlp", 30),
+        ("study-resnet-confirm", 12),
     ] {
         let path = preset::resolve(name).unwrap();
         assert_eq!(

@@ -49,15 +49,9 @@ fn parse_name(name: &str) -> Parsed {
     })
 }
 
-/// BatchNorm1d with PyTorch's init (weight 1, bias 0) and the tangent layers' ε.
+/// BatchNorm1d with the ResNets' settings (PyTorch's init, the tangent layers' ε).
 fn batch_norm1d(p: nn::Path, n: i64) -> nn::BatchNorm {
-    let cfg = nn::BatchNormConfig {
-        ws_init: nn::Init::Const(1.0),
-        bs_init: nn::Init::Const(0.0),
-        eps: dual::BN_EPS,
-        ..Default::default()
-    };
-    nn::batch_norm1d(p, n, cfg)
+    nn::batch_norm1d(p, n, super::resnet::batch_norm_config())
 }
 
 /// One hidden layer: (flatten ->) Linear -> BatchNorm1d -> ReLU.

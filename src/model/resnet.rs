@@ -173,15 +173,20 @@ pub(crate) fn conv(p: nn::Path, c_in: i64, c_out: i64, k: i64, stride: i64) -> n
     nn::conv2d(p, c_in, c_out, k, cfg)
 }
 
-/// BatchNorm with PyTorch's init (weight 1, bias 0); tch's default weight init is U(0, 1).
-pub(crate) fn batch_norm(p: nn::Path, c: i64) -> nn::BatchNorm {
-    let cfg = nn::BatchNormConfig {
+/// BatchNorm settings with PyTorch's init (weight 1, bias 0; tch's default weight init is
+/// U(0, 1)) and the tangent layers' ε.
+pub(crate) fn batch_norm_config() -> nn::BatchNormConfig {
+    nn::BatchNormConfig {
         ws_init: nn::Init::Const(1.0),
         bs_init: nn::Init::Const(0.0),
         eps: dual::BN_EPS,
         ..Default::default()
-    };
-    nn::batch_norm2d(p, c, cfg)
+    }
+}
+
+/// BatchNorm over feature maps (see [`batch_norm_config`]).
+pub(crate) fn batch_norm(p: nn::Path, c: i64) -> nn::BatchNorm {
+    nn::batch_norm2d(p, c, batch_norm_config())
 }
 
 /// Unit 0: conv3x3 -> BN -> ReLU.

@@ -181,3 +181,18 @@ pub fn tiny_mlp(
         seed,
     )
 }
+
+/// Writes `text` to `path`, creating its folder.
+pub fn write(path: &std::path::Path, text: &str) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, text).unwrap();
+}
+
+/// A child process's stdout and stderr as one string.
+pub fn text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}

@@ -39,25 +39,8 @@ enum Command {
         /// A checkpoint written by `sgr train`.
         #[arg(long)]
         checkpoint: PathBuf,
-        /// Data set (default: the one the run was trained on).
-        #[arg(long)]
-        data: Option<DatasetKind>,
-        /// Data folder (default: the run's).
-        #[arg(long)]
-        data_dir: Option<PathBuf>,
-        /// Evaluation batch size.
-        #[arg(long, default_value_t = 256)]
-        batch_size: i64,
-        /// Compute device (default: the one the run was trained on).
-        #[arg(long)]
-        device: Option<DeviceKind>,
-        /// Evaluate on the first N test images only, 0 = all (default: the run's
-        /// --test-subset, so that the result matches its summary.json).
-        #[arg(long)]
-        test_subset: Option<usize>,
-        /// Print the result as JSON.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        args: EvalArgs,
     },
     /// Inspect data sets.
     Data {
@@ -215,12 +198,26 @@ struct EvalOutput {
 }
 
 /// `sgr eval`'s options besides the checkpoint: overrides of the run's configuration.
+#[derive(clap::Args)]
 struct EvalArgs {
+    /// Data set (default: the one the run was trained on).
+    #[arg(long)]
     data: Option<DatasetKind>,
+    /// Data folder (default: the run's).
+    #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Evaluation batch size.
+    #[arg(long, default_value_t = 256)]
     batch_size: i64,
+    /// Compute device (default: the one the run was trained on).
+    #[arg(long)]
     device: Option<DeviceKind>,
+    /// Evaluate on the first N test images only, 0 = all (default: the run's
+    /// --test-subset, so that the result matches its summary.json).
+    #[arg(long)]
     test_subset: Option<usize>,
+    /// Print the result as JSON.
+    #[arg(long)]
     json: bool,
 }
 
@@ -373,25 +370,7 @@ fn run(cli: Cli) -> Result<()> {
             quiet,
             options,
         } => train(&out, config.as_deref(), resume, quiet, &options),
-        Command::Eval {
-            checkpoint,
-            data,
-            data_dir,
-            batch_size,
-            device,
-            test_subset,
-            json,
-        } => eval(
-            &checkpoint,
-            EvalArgs {
-                data,
-                data_dir,
-                batch_size,
-                device,
-                test_subset,
-                json,
-            },
-        ),
+        Command::Eval { checkpoint, args } => eval(&checkpoint, args),
         Command::Data {
             command:
                 DataCommand::Info {

@@ -281,16 +281,9 @@ fn device_used_bytes(device: tch::Device) -> Option<u64> {
 /// [`Trainer::train_epoch`] copies it into before a step, so that a skipped batch's update of
 /// the running statistics can be undone.
 fn buffer_snapshots(net: &SplitNet) -> Vec<(Tensor, Tensor)> {
-    let mut buffers: Vec<(String, Tensor)> = net
-        .vs
-        .variables()
+    net.buffers()
         .into_iter()
-        .filter(|(_, t)| !t.requires_grad())
-        .collect();
-    buffers.sort_by(|a, b| a.0.cmp(&b.0));
-    buffers
-        .into_iter()
-        .map(|(_, t)| {
+        .map(|t| {
             let saved = t.detach().copy();
             (t, saved)
         })

@@ -302,8 +302,13 @@ impl SplitNet {
     /// before `f`: extra forward passes made for diagnostics or finite differences must not
     /// count as training steps of the running statistics.
     pub fn with_frozen_buffers<T>(&self, f: impl FnOnce() -> T) -> T {
-        let buffers = self.vs.variables().into_values();
-        restoring(buffers.filter(|t| !t.requires_grad()).collect(), f)
+        restoring(self.buffers(), f)
+    }
+
+    /// Every buffer of the network (BatchNorm running statistics), in no particular order.
+    pub fn buffers(&self) -> Vec<Tensor> {
+        let variables = self.vs.variables().into_values();
+        variables.filter(|t| !t.requires_grad()).collect()
     }
 
     /// [`SplitNet::with_frozen_buffers`] for module `k`'s buffers only (units and head), the

@@ -196,3 +196,56 @@ pub fn text(out: &std::process::Output) -> String {
         String::from_utf8_lossy(&out.stderr)
     )
 }
+
+/// A few entries of every parameter of module `k`, as (variable index in
+/// `module_variables(k, true)`, flat index): the first, middle and last.
+pub fn parameter_picks(net: &SplitNet, k: usize) -> Vec<(usize, usize)> {
+    let vars = net.module_variables(k, true);
+    let mut picks = Vec::new();
+    for (i, (_, t)) in vars.iter().enumerate() {
+        let n = t.numel();
+        for j in [0, n / 2, n - 1] {
+            picks.push((i, j));
+        }
+    }
+    picks
+}
+
+/// Central finite difference of `f` w.r.t. a few entries of module `k`'s parameters.
+pub fn fd_over_parameters(
+    net: &SplitNet,
+    k: usize,
+    f: &dyn Fn() -> f64,
+) -> (Vec<f64>, Vec<(usize, usize)>) {
+    let vars = net.module_variables(k, true);
+    let picks = parameter_picks(net, k);
+    let delta = 1e-6;
+    let fd = picks
+        .iter()
+        .map(|&(i, j)| {
+            let flat = vars[i].1.view(-1);
+            let orig = tch::no_grad(|| flat.double_value(&[j as i64]));
+            let set = |v: f64| {
+                tch::no_grad(|| {
+                    let _ = flat.get(j as i64).fill_(v);
+                })
+            };
+            set(orig + delta);
+            let plus = f();
+            set(orig - delta);
+            let minus = f();
+            set(orig);
+            (plus - minus) / (2.0 * delta)
+        })
+        .collect();
+    (fd, picks)
+}
+
+/// Module `k`'s gradient at `picks` (see [`parameter_picks`]).
+pub fn picked(net: &SplitNet, k: usize, picks: &[(usize, usize)]) -> Vec<f64> {
+    let vars = net.module_variables(k, true);
+    picks
+        .iter()
+        .map(|&(i, j)| vars[i].1.grad().view(-1).double_value(&[j as i64]))
+        .collect()
+}

@@ -183,50 +183,6 @@ fn sgr_gradients_stay_inside_each_module_and_use_the_plain_forwarded_gradient() 
     assert!(rel_err(&module_grads(&net, 2), &from_rule[2]) > 1e-6);
 }
 
-/// Central finite difference of `f` w.r.t. a few entries of module `k`'s parameters.
-fn fd_over_parameters(
-    net: &SplitNet,
-    k: usize,
-    f: &dyn Fn() -> f64,
-) -> (Vec<f64>, Vec<(usize, usize)>) {
-    let vars = net.module_variables(k, true);
-    let mut picks = Vec::new();
-    for (i, (_, t)) in vars.iter().enumerate() {
-        let n = t.numel();
-        for j in [0, n / 2, n - 1] {
-            picks.push((i, j));
-        }
-    }
-    let delta = 1e-6;
-    let fd = picks
-        .iter()
-        .map(|&(i, j)| {
-            let flat = vars[i].1.view(-1);
-            let orig = tch::no_grad(|| flat.double_value(&[j as i64]));
-            let set = |v: f64| {
-                tch::no_grad(|| {
-                    let _ = flat.get(j as i64).fill_(v);
-                })
-            };
-            set(orig + delta);
-            let plus = f();
-            set(orig - delta);
-            let minus = f();
-            set(orig);
-            (plus - minus) / (2.0 * delta)
-        })
-        .collect();
-    (fd, picks)
-}
-
-fn picked(net: &SplitNet, k: usize, picks: &[(usize, usize)]) -> Vec<f64> {
-    let vars = net.module_variables(k, true);
-    picks
-        .iter()
-        .map(|&(i, j)| vars[i].1.grad().view(-1).double_value(&[j as i64]))
-        .collect()
-}
-
 #[test]
 fn exact_sgr_gradient_matches_finite_differences_in_f64() {
     for distance_kind in [SgrDistance::L2, SgrDistance::Cosine] {

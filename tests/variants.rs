@@ -72,43 +72,15 @@ fn objective(net: &SplitNet, batch: &Batch, k: usize, b: &Boundaries, cfg: &SgrC
     total
 }
 
-/// A few entries of every parameter of module `k`: (variable, flat index).
-fn picks(net: &SplitNet, k: usize) -> Vec<(Tensor, i64)> {
-    net.module_variables(k, true)
-        .into_iter()
-        .flat_map(|(_, t)| {
-            let n = t.numel() as i64;
-            [0, n / 2, n - 1].map(|j| (t.shallow_clone(), j))
-        })
-        .collect()
-}
-
-/// The gradient the rule left in module `k` at [`picks`].
+/// The gradient the rule left in module `k` at [`parameter_picks`].
 fn rule_grads(net: &SplitNet, k: usize) -> Vec<f64> {
-    picks(net, k)
-        .iter()
-        .map(|(t, j)| t.grad().view(-1).double_value(&[*j]))
-        .collect()
+    picked(net, k, &parameter_picks(net, k))
 }
 
 /// Relative error between the rule's gradient of module `k` and central differences of `f`.
 fn fd_vs_rule(net: &SplitNet, k: usize, f: &dyn Fn() -> f64) -> f64 {
-    let delta = 1e-6;
-    let fd: Vec<f64> = picks(net, k)
-        .iter()
-        .map(|(t, j)| {
-            let flat = t.view(-1);
-            let orig = tch::no_grad(|| flat.double_value(&[*j]));
-            let set = |v: f64| tch::no_grad(|| drop(flat.get(*j).fill_(v)));
-            set(orig + delta);
-            let plus = f();
-            set(orig - delta);
-            let minus = f();
-            set(orig);
-            (plus - minus) / (2.0 * delta)
-        })
-        .collect();
-    rel_err(&rule_grads(net, k), &fd)
+    let (fd, picks) = fd_over_parameters(net, k, f);
+    rel_err(&picked(net, k, &picks), &fd)
 }
 
 #[test]

@@ -277,3 +277,35 @@ fn tangent_penalty_equals_the_double_backward_on_mlps() {
         assert!(rel_err(&all(&b), &all(&a)) > 1e-4);
     }
 }
+
+#[test]
+fn sender_target_is_sent_whatever_computes_the_receiver_penalty() {
+    // The CLI refuses `both` with jvp/fd, but the rule itself must not drop the sender-side
+    // penalty when the receiving module takes the jvp or fd path: module 0 carries only the
+    // sender penalty, computed exactly either way, so its gradient matches the exact run.
+    let batch = tiny_batch(6, 1, 4, true, 58);
+    let exact = SgrConfig {
+        lambda: 2.0,
+        side: SgrSide::Both,
+        ..Default::default()
+    };
+    let a = tiny_mlp(3, 5, HeadKind::Linear, 3, (1, 4), true, 59);
+    step(&a, RuleKind::Sgr, &exact, &batch);
+    step(&a, RuleKind::Dgl, &exact, &batch);
+    let dgl = rule_grads(&a, 0);
+    step(&a, RuleKind::Sgr, &exact, &batch);
+    let want = rule_grads(&a, 0);
+    assert!(
+        rel_err(&want, &dgl) > 1e-4,
+        "the sender penalty moves module 0"
+    );
+    for grad in [SgrGrad::Jvp, SgrGrad::Fd] {
+        let cfg = SgrConfig {
+            grad,
+            ..exact.clone()
+        };
+        step(&a, RuleKind::Sgr, &cfg, &batch);
+        let err = rel_err(&rule_grads(&a, 0), &want);
+        assert!(err < 1e-10, "{grad:?}: {err:e}");
+    }
+}

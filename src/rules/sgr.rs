@@ -240,7 +240,7 @@ impl Rule for Sgr {
             let h_next = h_out.detach();
             let last = k + 1 == modules;
             // ∂L_k/∂h_in of the plain loss, detached: the sender-side target of module k-1.
-            let mut input_grad_of_plain_loss = None;
+            let input_grad_of_plain_loss;
             prev_output_grad = match target {
                 Some(target) if cfg.grad == SgrGrad::Exact => {
                     let logits = net.head_logits(k, &h_out, true);
@@ -263,6 +263,7 @@ impl Rule for Sgr {
                     let (loss, logits, _) = local_backward(net, k, &h_out, labels, false);
                     record.loss(&loss, &logits, labels, last);
                     let input_grad = h_in.grad();
+                    input_grad_of_plain_loss = gives_target.then(|| input_grad.detach());
                     // The spent graph's nodes (reachable from the loss and the output) still
                     // hold the input leaf, and the leaf its gradient: free them before the
                     // penalty passes, which only need the input's values (`h`).

@@ -71,6 +71,8 @@ fn main() {
         input: FeatureShape::map(3, 32, 32),
         classes: 10,
         penalty_cost: None,
+        options: Default::default(),
+        label_smoothing: 0.0,
     };
     println!("| precision | fd_eps | cosine(fd, exact) | relative L2 error |");
     println!("|---|---|---|---|");

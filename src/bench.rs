@@ -5,13 +5,12 @@
 //! line from each and prints a table (or the rows as JSON with `--json`). A cell is a
 //! [`TrainConfig`], resolved from the same [`TrainOptions`] flags as `sgr train` (so every
 //! training option can be benchmarked), plus the [`BenchArgs`] that only a benchmark has.
-//! Workers build the same `SplitNet`, `Sgd` and `Rule` as `sgr train`, so the step measured
+//! Workers build the same `SplitNet`, `Optimizer` and `Rule` as `sgr train`, so the step measured
 //! is the real one.
 use crate::config::{TrainConfig, TrainOptions};
 use crate::data::{Batch, DatasetKind};
 use crate::memory::{Meter, gpu_used_bytes};
 use crate::model::{FeatureShape, SplitNet, SplitStrategy};
-use crate::optim::Sgd;
 use crate::rules::{self, RuleKind};
 use crate::{Error, Result};
 use clap::{ArgAction, ArgMatches, FromArgMatches};
@@ -234,7 +233,7 @@ pub fn measure(cell: &Cell) -> Result<Row> {
     let net = crate::model::with_seed(cfg.seed as i64, || {
         SplitNet::new(&cfg.model_spec(input, bench.classes), device)
     })?;
-    let mut opt = Sgd::new(&net.vs, cfg.sgd());
+    let mut opt = crate::train::build_optimizer(cfg, &net);
     let rule_impl = rules::build(cfg.rule, &cfg.sgr());
     let batch = Batch {
         images: Tensor::randn(

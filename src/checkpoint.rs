@@ -1,10 +1,11 @@
-//! Checkpoints: one safetensors file holding the model variables, the optimizer's momentum
-//! buffers (`optimizer.momentum.{name}`) and the training state (JSON in the file's metadata
+//! Checkpoints: one safetensors file holding the model variables, the optimizer's state
+//! (`optimizer.momentum.{name}` for SGD, `optimizer.exp_avg{,_sq}.{name}` and `optimizer.step`
+//! for AdamW) and the training state (JSON in the file's metadata
 //! under `sgr.state`), written atomically (temp file, fsync, rename), so a kill at any moment
 //! leaves either the previous checkpoint or the new one, never a torn file. A human-readable
 //! `checkpoint.json` sidecar mirrors the state; the embedded copy is the one `--resume` trusts.
 use crate::model::SplitNet;
-use crate::optim::Sgd;
+use crate::optim::Optimizer;
 use crate::{Error, Result};
 use safetensors::{Dtype, SafeTensors, View};
 use serde::{Deserialize, Serialize};
@@ -16,7 +17,7 @@ use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
 
 /// Prefix of the optimizer's tensors inside a checkpoint.
-const MOMENTUM_PREFIX: &str = "optimizer.momentum.";
+const OPTIMIZER_PREFIX: &str = "optimizer.";
 /// Metadata key of the training state.
 const STATE_KEY: &str = "sgr.state";
 
@@ -44,7 +45,8 @@ pub struct TrainState {
     pub config: serde_json::Value,
 }
 
-/// A loaded checkpoint: model variables and momentum buffers (both by variable name), and the
+/// A loaded checkpoint: model variables (by name), the optimizer state (by the names of
+/// [`Optimizer::state`]), and the
 /// training state when the file was written by [`save`].
 pub type Loaded = (
     HashMap<String, Tensor>,
@@ -134,7 +136,7 @@ pub fn save_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
 }
 
 /// Saves `net`, `opt` and `state` to `path` atomically (plus the `.json` sidecar).
-pub fn save(path: &Path, net: &SplitNet, opt: &Sgd, state: &TrainState) -> Result<()> {
+pub fn save(path: &Path, net: &SplitNet, opt: &Optimizer, state: &TrainState) -> Result<()> {
     let mut tensors: Vec<(String, Raw)> = net
         .vs
         .variables()
@@ -144,7 +146,7 @@ pub fn save(path: &Path, net: &SplitNet, opt: &Sgd, state: &TrainState) -> Resul
     tensors.extend(
         opt.state()
             .iter()
-            .map(|(name, t)| (format!("{MOMENTUM_PREFIX}{name}"), to_raw(t))),
+            .map(|(name, t)| (format!("{OPTIMIZER_PREFIX}{name}"), to_raw(t))),
     );
     let state_json = serde_json::to_string(state).expect("state serialises");
     let metadata = HashMap::from([(STATE_KEY.to_string(), state_json)]);
@@ -190,7 +192,7 @@ pub fn load(path: &Path) -> Result<Loaded> {
         };
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
         let t = Tensor::f_from_data_size(view.data(), &shape, kind)?;
-        match name.strip_prefix(MOMENTUM_PREFIX) {
+        match name.strip_prefix(OPTIMIZER_PREFIX) {
             Some(var) => momentum.insert(var.to_string(), t),
             None => variables.insert(name.to_string(), t),
         };

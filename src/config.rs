@@ -6,8 +6,8 @@
 //! configuration with defaults filled in. Both are the same field list, so a flag and a config
 //! key can never drift apart.
 use crate::data::DatasetKind;
-use crate::model::{Arch, FeatureShape, HeadKind, ModelSpec, SplitStrategy};
-use crate::optim::SgdConfig;
+use crate::model::{Arch, FeatureShape, HeadKind, ModelSpec, NetOptions, SplitStrategy, TokenPool};
+use crate::optim::{OptimConfig, OptimizerKind};
 use crate::rules::{LambdaSchedule, RuleKind, SgrConfig, SgrDistance, SgrGrad, SgrSide};
 use crate::schedule::{Schedule, ScheduleKind};
 use crate::{Error, Result};
@@ -120,8 +120,12 @@ config_fields! {
     data: DatasetKind = DatasetKind::FashionMnist;
     /// Folder holding the data sets [default: data]
     data_dir: PathBuf = PathBuf::from("data");
-    /// Network: resnet20, resnet32, resnet56, resnet110, or mlp-DxW (D hidden layers of width W, e.g. mlp-8x256) [default: resnet32]
+    /// Network: resnet20, resnet32, resnet56, resnet110, mlp-DxW (D hidden layers of width W, e.g. mlp-8x256), vit-micro, vit-tiny, vit-small or vit-DxWhH (D blocks of width W, H heads) [default: resnet32]
     model: Arch = "resnet32".parse().expect("a registered network");
+    /// ViT patch size (0 = from the input: 4 for 28/32 px, 8 for 64/96 px, 16 for 224 px) [default: 0]
+    patch_size: i64 = 0;
+    /// How ViT heads pool tokens: cls (a class token) or mean (no class token, token mean) [default: cls]
+    token_pool: TokenPool = TokenPool::Cls;
     /// Training rule [default: bp]
     rule: RuleKind = RuleKind::Bp;
     /// Number of gradient-isolated modules K [default: 1]
@@ -136,14 +140,22 @@ config_fields! {
     batch_size: i64 = 128;
     /// Base learning rate [default: 0.1]
     lr: f64 = 0.1;
+    /// Optimizer: sgd (momentum, Nesterov) or adamw (decoupled weight decay) [default: sgd]
+    optimizer: OptimizerKind = OptimizerKind::Sgd;
     /// SGD momentum [default: 0.9]
     momentum: f64 = 0.9;
+    /// AdamW β1 [default: 0.9]
+    adam_beta1: f64 = 0.9;
+    /// AdamW β2 [default: 0.999]
+    adam_beta2: f64 = 0.999;
+    /// AdamW ε [default: 1e-8]
+    adam_eps: f64 = 1e-8;
     /// Nesterov momentum (a switch; `--nesterov=false` turns it off) [default: false]
     [arg(num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     nesterov: bool = false;
-    /// Weight decay [default: 5e-4]
+    /// Weight decay (L2 for sgd, decoupled for adamw; DeiT uses 0.05 with adamw) [default: 5e-4]
     weight_decay: f64 = 5e-4;
-    /// Apply weight decay to BatchNorm parameters and biases too (a switch) [default: false]
+    /// Apply weight decay to norm parameters, biases, position embeddings and class tokens too (a switch) [default: false]
     [arg(num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     decay_bn_and_bias: bool = false;
     /// LR schedule [default: cosine]
@@ -155,6 +167,10 @@ config_fields! {
     milestones: Vec<usize> = Vec::new();
     /// Step-schedule decay factor [default: 0.1]
     gamma: f64 = 0.1;
+    /// Label smoothing ε of every module's cross-entropy (0 = none; DeiT uses 0.1) [default: 0]
+    label_smoothing: f64 = 0.0;
+    /// Clip each module's gradient norm to this value before the update (the whole network's under bp; 0 = no clipping) [default: 0]
+    clip_grad_norm: f64 = 0.0;
     /// Random seed (weights, shuffling, augmentation) [default: 0]
     seed: u64 = 0;
     /// CPU threads for libtorch (0 = libtorch's default) [default: 0]
@@ -169,6 +185,8 @@ config_fields! {
     [arg(num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     [negation(no_augment = "no-augment")]
     augment: bool = true;
+    /// Random erasing probability per training image (a random rectangle replaced by noise, as timm's RandomErasing in pixel mode; 0 = off; DeiT uses 0.25) [default: 0]
+    random_erasing: f64 = 0.0;
     /// Stop each epoch after N steps (0 = full epochs; for smoke tests and benchmarks) [default: 0]
     max_steps_per_epoch: usize = 0;
     /// SGR penalty weight λ [default: 0.1]
@@ -343,6 +361,29 @@ impl TrainConfig {
         if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
             return fail("weight-decay", "must be >= 0");
         }
+        for (flag, beta) in [
+            ("adam-beta1", self.adam_beta1),
+            ("adam-beta2", self.adam_beta2),
+        ] {
+            if !(0.0..1.0).contains(&beta) {
+                return fail(flag, "must be in [0, 1)");
+            }
+        }
+        if !(self.adam_eps.is_finite() && self.adam_eps > 0.0) {
+            return fail("adam-eps", "must be a positive number");
+        }
+        if !(0.0..1.0).contains(&self.label_smoothing) {
+            return fail("label-smoothing", "must be in [0, 1)");
+        }
+        if !(self.clip_grad_norm.is_finite() && self.clip_grad_norm >= 0.0) {
+            return fail("clip-grad-norm", "must be >= 0 (0 = no clipping)");
+        }
+        if !(0.0..=1.0).contains(&self.random_erasing) {
+            return fail("random-erasing", "must be a probability in [0, 1]");
+        }
+        if self.patch_size < 0 {
+            return fail("patch-size", "must be >= 1, or 0 to choose from the input");
+        }
         if !(self.lambda.is_finite() && self.lambda >= 0.0) {
             return fail("lambda", "must be >= 0");
         }
@@ -366,14 +407,28 @@ impl TrainConfig {
         }
         // The split and the heads are checked here, before a run folder is written.
         crate::model::splits::check_k(&self.model, self.modules, self.split)?;
-        if self.modules > 1
-            && self.aux_head == HeadKind::Conv
-            && !self.model.network().outputs_maps()
-        {
+        let network = self.model.network();
+        let outputs = if network.outputs_maps() {
+            "feature maps"
+        } else if network.outputs_tokens() {
+            "tokens"
+        } else {
+            "vectors"
+        };
+        if self.modules > 1 && self.aux_head == HeadKind::Conv && !network.outputs_maps() {
             return fail(
                 "aux-head",
                 &format!(
-                    "conv needs feature maps, but {} outputs vectors; use --aux-head linear or mlp",
+                    "conv needs feature maps, but {} outputs {outputs}; use --aux-head linear or mlp",
+                    self.model
+                ),
+            );
+        }
+        if self.modules > 1 && self.aux_head == HeadKind::Block && !network.outputs_tokens() {
+            return fail(
+                "aux-head",
+                &format!(
+                    "block needs token features (a vit-* network), but {} outputs {outputs}",
                     self.model
                 ),
             );
@@ -422,16 +477,24 @@ impl TrainConfig {
             input,
             classes,
             penalty_cost: crate::rules::penalty_cost(self.rule, &self.sgr()),
+            options: NetOptions {
+                patch_size: (self.patch_size > 0).then_some(self.patch_size),
+                token_pool: self.token_pool,
+            },
+            label_smoothing: self.label_smoothing,
         }
     }
 
     /// Optimizer settings.
-    pub fn sgd(&self) -> SgdConfig {
-        SgdConfig {
+    pub fn optim(&self) -> OptimConfig {
+        OptimConfig {
+            kind: self.optimizer,
             momentum: self.momentum,
             nesterov: self.nesterov,
             weight_decay: self.weight_decay,
             decay_bn_and_bias: self.decay_bn_and_bias,
+            betas: (self.adam_beta1, self.adam_beta2),
+            eps: self.adam_eps,
         }
     }
 

@@ -10,7 +10,6 @@
 //! BatchNorm running statistics are restored afterwards, and no parameter gradient is touched.
 use crate::data::Batch;
 use crate::model::SplitNet;
-use crate::rules::cross_entropy;
 use tch::{Kind, Tensor};
 
 /// Discord measures at every boundary (index b-1 for the boundary before module b).
@@ -46,7 +45,7 @@ pub fn measure(net: &SplitNet, batch: &Batch) -> Discord {
         for k in 0..modules {
             let h_in = h.detach().set_requires_grad(true);
             let h_out = net.forward_module(k, &h_in, true);
-            let loss = cross_entropy(&net.head_logits(k, &h_out, true), &batch.labels);
+            let loss = net.loss(&net.head_logits(k, &h_out, true), &batch.labels);
             let mut g = Tensor::run_backward(&[&loss], &[&h_in, &h_out], false, false);
             output_grads.push(g.pop().unwrap());
             input_grads.push(g.pop().unwrap());
@@ -88,7 +87,7 @@ pub fn global_boundary_grads(net: &SplitNet, batch: &Batch) -> Vec<Tensor> {
         let h_in = inputs[k].detach().set_requires_grad(true);
         let out = net.forward_module(k, &h_in, true);
         let scalar = match &upstream {
-            None => cross_entropy(&net.head_logits(k, &out, true), &batch.labels),
+            None => net.loss(&net.head_logits(k, &out, true), &batch.labels),
             Some(u) => (&out * u).sum(out.kind()),
         };
         let g = Tensor::run_backward(&[&scalar], &[&h_in], false, false).remove(0);

@@ -157,6 +157,7 @@ fn train(
     // Bad data (missing files, a --holdout larger than the set) fails before the run folder
     // exists.
     let ds = sgr::train::load_data(&cfg)?;
+    sgr::train::check_model(&cfg, &ds)?;
     // Fail on an unwritable folder before any training time is spent.
     std::fs::create_dir_all(out)
         .with_context(|| format!("cannot create run folder {}", out.display()))?;

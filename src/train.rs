@@ -8,7 +8,7 @@ use crate::diagnostics::{self, Discord};
 use crate::memory::Meter;
 use crate::metrics::{self, DiagRecord, EpochRecord};
 use crate::model::{FeatureShape, SplitNet};
-use crate::optim::Sgd;
+use crate::optim::Optimizer;
 use crate::rules::{self, StepStats, cross_entropy};
 use crate::{Error, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -132,6 +132,16 @@ pub fn load_data(cfg: &TrainConfig) -> Result<Dataset> {
     Ok(ds)
 }
 
+/// Builds `cfg`'s network for `ds` once on the CPU and drops it, so that what only a build can
+/// check (a patch size that does not divide the images, a head that cannot read the features)
+/// fails before a run folder is written.
+pub fn check_model(cfg: &TrainConfig, ds: &Dataset) -> Result<()> {
+    let input = FeatureShape::map(ds.meta.channels, ds.meta.height, ds.meta.width);
+    let spec = cfg.model_spec(input, ds.meta.classes);
+    let _guard = tch::no_grad_guard();
+    crate::model::with_seed(cfg.seed as i64, || SplitNet::new(&spec, tch::Device::Cpu)).map(drop)
+}
+
 /// Builds the network for `cfg` on data `ds` (seeding libtorch first).
 pub fn build_net(cfg: &TrainConfig, ds: &Dataset) -> Result<SplitNet> {
     let input = FeatureShape::map(ds.meta.channels, ds.meta.height, ds.meta.width);
@@ -140,8 +150,19 @@ pub fn build_net(cfg: &TrainConfig, ds: &Dataset) -> Result<SplitNet> {
     crate::model::with_seed(cfg.seed as i64, || SplitNet::new(&spec, device))
 }
 
+/// The optimizer of `cfg` over `net`'s parameters. With `--clip-grad-norm`, every module is
+/// clipped by its own gradient norm (its gradient is its own: the modules are isolated), and
+/// the whole network by one norm under `bp`.
+pub fn build_optimizer(cfg: &TrainConfig, net: &SplitNet) -> Optimizer {
+    let mut opt = Optimizer::new(&net.vs, cfg.optim(), &net.no_weight_decay());
+    if cfg.rule != rules::RuleKind::Bp {
+        opt.set_clip_groups(|name| net.module_of_variable(name).unwrap_or(0));
+    }
+    opt
+}
+
 /// Where in the run a non-finite value appeared, or `None` if all is finite.
-fn non_finite(net: &SplitNet, stats: &StepStats, opt: &mut Sgd) -> Option<String> {
+fn non_finite(net: &SplitNet, stats: &StepStats, opt: &mut Optimizer) -> Option<String> {
     if let Some(k) = stats.module_losses.iter().position(|l| !l.is_finite()) {
         return Some(format!(
             "the loss of module {} is {}",
@@ -297,7 +318,7 @@ struct Trainer<'a> {
     out: &'a Path,
     quiet: bool,
     net: SplitNet,
-    opt: Sgd,
+    opt: Optimizer,
     rule: Box<dyn rules::Rule>,
     ckpt_path: std::path::PathBuf,
     metrics_path: std::path::PathBuf,
@@ -307,7 +328,7 @@ struct Trainer<'a> {
 impl<'a> Trainer<'a> {
     fn new(cfg: &'a TrainConfig, ds: &'a Dataset, out: &'a Path, quiet: bool) -> Result<Self> {
         let net = build_net(cfg, ds)?;
-        let opt = Sgd::new(&net.vs, cfg.sgd());
+        let opt = build_optimizer(cfg, &net);
         Ok(Trainer {
             rule: rules::build(cfg.rule, &cfg.sgr()),
             ckpt_path: checkpoint::path_in(out),
@@ -422,7 +443,8 @@ impl<'a> Trainer<'a> {
             },
             cfg.augment,
             self.net.device(),
-        );
+        )
+        .with_random_erasing(if cfg.augment { cfg.random_erasing } else { 0.0 });
         let full = batches.len();
         let steps = if cfg.max_steps_per_epoch > 0 {
             full.min(cfg.max_steps_per_epoch)
@@ -512,6 +534,9 @@ impl<'a> Trainer<'a> {
                 continue;
             }
             consecutive_bad = 0;
+            if cfg.clip_grad_norm > 0.0 {
+                self.opt.clip_grad_norm(cfg.clip_grad_norm);
+            }
             self.opt.step(lr);
             state.global_step += 1;
             totals.add(&stats);

@@ -1,6 +1,8 @@
 //! Small builders shared by the integration tests.
 use sgr::data::Batch;
-use sgr::model::{Arch, FeatureShape, HeadKind, ModelSpec, SplitNet, SplitStrategy};
+use sgr::model::{
+    Arch, FeatureShape, HeadKind, ModelSpec, NetOptions, SplitNet, SplitStrategy, TokenPool,
+};
 use std::collections::HashMap;
 use tch::{Device, Kind, Tensor};
 
@@ -31,6 +33,27 @@ fn tiny(
     double: bool,
     seed: i64,
 ) -> SplitNet {
+    tiny_with(
+        arch,
+        head,
+        modules,
+        (c, s),
+        double,
+        seed,
+        NetOptions::default(),
+    )
+}
+
+/// [`tiny`] with network `options`.
+fn tiny_with(
+    arch: &str,
+    head: HeadKind,
+    modules: usize,
+    (c, s): (i64, i64),
+    double: bool,
+    seed: i64,
+    options: NetOptions,
+) -> SplitNet {
     let spec = ModelSpec {
         arch: arch.parse::<Arch>().unwrap(),
         modules,
@@ -39,6 +62,8 @@ fn tiny(
         input: FeatureShape::map(c, s, s),
         classes: 3,
         penalty_cost: None,
+        options,
+        label_smoothing: 0.0,
     };
     // Seed and draw under the library's lock: the tests run on several threads.
     let mut net = sgr::model::with_seed(seed, || SplitNet::new(&spec, Device::Cpu)).unwrap();
@@ -180,6 +205,73 @@ pub fn tiny_mlp(
         double,
         seed,
     )
+}
+
+/// A tiny ViT `vit-{depth}x8h2` (patch 4 on `c`x8x8 inputs: 4 patch tokens) cut into
+/// `modules` even modules with `head` auxiliary heads and `pool` token pooling, 3 classes.
+pub fn tiny_vit(
+    depth: usize,
+    head: HeadKind,
+    modules: usize,
+    c: i64,
+    pool: TokenPool,
+    double: bool,
+    seed: i64,
+) -> SplitNet {
+    let options = NetOptions {
+        patch_size: Some(4),
+        token_pool: pool,
+    };
+    tiny_with(
+        &format!("vit-{depth}x8h2"),
+        head,
+        modules,
+        (c, 8),
+        double,
+        seed,
+        options,
+    )
+}
+
+/// Checks every unit's and every head's tangent against a central difference of its training
+/// forward, in f64, running the units in order on `batch`.
+pub fn check_tangents(net: &SplitNet, batch: &Batch) {
+    // J·v by a central difference of the layer's training forward (frozen running
+    // statistics); ReLU kinks are O(ε) rare at ε = 1e-6, so it converges in f64.
+    let central = |f: &dyn Fn(&Tensor) -> Tensor, x: &Tensor, v: &Tensor| {
+        let eps = 1e-6;
+        net.with_frozen_buffers(|| (f(&(x + v * eps)) - f(&(x - v * eps))) / (2.0 * eps))
+    };
+    let mut x = batch.images.shallow_clone();
+    let range_ends: Vec<usize> = net.module_ranges().iter().map(|r| r.end).collect();
+    for u in 0..range_ends[range_ends.len() - 1] {
+        // Every unit, and every head on its module's output.
+        let v = x.randn_like();
+        let (value, tangent) =
+            tch::no_grad(|| net.unit_forward_dual(u, &(x.shallow_clone(), v.shallow_clone())));
+        let fd = central(&|t| net.forward_unit(u, t, true), &x, &v);
+        let err = (&tangent - &fd).norm().double_value(&[]) / fd.norm().double_value(&[]);
+        assert!(
+            err < 1e-6,
+            "unit {u}: tangent vs central difference {err:e}"
+        );
+        let train = net.with_frozen_buffers(|| net.forward_unit(u, &x, true));
+        assert!((&value - &train).abs().max().double_value(&[]) < 1e-12);
+        if range_ends.contains(&(u + 1)) {
+            let k = range_ends.iter().position(|&e| e == u + 1).unwrap();
+            let v = value.randn_like();
+            let (_, tangent) = tch::no_grad(|| {
+                net.head_logits_dual(k, &(value.shallow_clone(), v.shallow_clone()))
+            });
+            let fd = central(&|t| net.head_logits(k, t, true), &value, &v);
+            let err = (&tangent - &fd).norm().double_value(&[]) / fd.norm().double_value(&[]);
+            assert!(
+                err < 1e-6,
+                "head {k}: tangent vs central difference {err:e}"
+            );
+        }
+        x = value;
+    }
 }
 
 /// Writes `text` to `path`, creating its folder.

@@ -18,6 +18,8 @@ fn spec(
         input: FeatureShape::map(c, s, s),
         classes: 10,
         penalty_cost: None,
+        options: Default::default(),
+        label_smoothing: 0.0,
     }
 }
 

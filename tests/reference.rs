@@ -7,7 +7,7 @@
 //! is not expected; measured errors are around 1e-6.
 use crate::common::*;
 use sgr::data::Batch;
-use sgr::optim::{Sgd, SgdConfig};
+use sgr::optim::{OptimConfig, Optimizer};
 use sgr::rules::{self, RuleKind, SgrConfig};
 use std::path::Path;
 use std::process::Command;
@@ -37,7 +37,7 @@ fn agree(rule: RuleKind) {
         ],
     )
     .unwrap();
-    let sgd = SgdConfig::default();
+    let sgd = OptimConfig::default();
     let sgr_cfg = SgrConfig {
         lambda: 2.0,
         ..Default::default()
@@ -74,7 +74,7 @@ fn agree(rule: RuleKind) {
     );
     let (reference, _, _) = sgr::checkpoint::load(&dir.path().join("o.safetensors")).unwrap();
 
-    let mut opt = Sgd::new(&net.vs, sgd);
+    let mut opt = Optimizer::new(&net.vs, sgd, &[]);
     zero_grads(&net);
     let stats = rules::build(rule, &sgr_cfg)
         .step(&net, &batch, &rules::StepContext::default())

@@ -2,8 +2,8 @@
 //! numerically.
 use crate::common::*;
 use sgr::data::Batch;
-use sgr::model::{HeadKind, SplitNet};
-use sgr::optim::{Sgd, SgdConfig};
+use sgr::model::{HeadKind, SplitNet, TokenPool};
+use sgr::optim::{OptimConfig, Optimizer};
 use sgr::rules::sgr::distance;
 use sgr::rules::{self, RuleKind, SgrConfig, SgrDistance, SgrGrad, cross_entropy};
 use tch::Tensor;
@@ -21,8 +21,8 @@ fn dgl_with_one_module_is_bp() {
     let a = tiny_net(1, 1, 10, false, 7);
     let b = tiny_net(1, 1, 10, false, 7);
     let (mut oa, mut ob) = (
-        Sgd::new(&a.vs, SgdConfig::default()),
-        Sgd::new(&b.vs, SgdConfig::default()),
+        Optimizer::new(&a.vs, OptimConfig::default(), &[]),
+        Optimizer::new(&b.vs, OptimConfig::default(), &[]),
     );
     for _ in 0..2 {
         step(&a, RuleKind::Bp, &SgrConfig::default(), &batch);
@@ -185,9 +185,17 @@ fn sgr_gradients_stay_inside_each_module_and_use_the_plain_forwarded_gradient() 
 
 #[test]
 fn exact_sgr_gradient_matches_finite_differences_in_f64() {
-    for distance_kind in [SgrDistance::L2, SgrDistance::Cosine] {
-        let batch = tiny_batch(4, 2, 6, true, 8);
-        let net = tiny_net(2, 2, 6, true, 9);
+    // A ResNet and a ViT (the double backward through attention, LayerNorm and GELU).
+    let cases: [(SgrDistance, i64, fn() -> SplitNet); 3] = [
+        (SgrDistance::L2, 6, || tiny_net(2, 2, 6, true, 9)),
+        (SgrDistance::Cosine, 6, || tiny_net(2, 2, 6, true, 9)),
+        (SgrDistance::L2, 8, || {
+            tiny_vit(2, HeadKind::Linear, 2, 2, TokenPool::Cls, true, 9)
+        }),
+    ];
+    for (distance_kind, size, build) in cases {
+        let batch = tiny_batch(4, 2, size, true, 8);
+        let net = build();
         let cfg = SgrConfig {
             lambda: 3.0,
             distance: distance_kind,
@@ -272,7 +280,27 @@ fn tangent_sgr_gradient_equals_the_double_backward_in_f64() {
         (HeadKind::Mlp, SgrDistance::L2, 2),
         (HeadKind::Mlp, SgrDistance::Cosine, 3),
     ];
-    for (head, distance_kind, from) in cases {
+    let nets: Vec<(HeadKind, SgrDistance, usize, fn(HeadKind) -> SplitNet)> = cases
+        .into_iter()
+        .map(|(h, d, f)| {
+            let resnet: fn(HeadKind) -> SplitNet = |h| tiny_net_with_head(h, 3, 2, 8, true, 41);
+            (h, d, f, resnet)
+        })
+        .chain(
+            // A ViT: the penalty's tangent through attention, LayerNorm and GELU.
+            [
+                (HeadKind::Block, SgrDistance::L2),
+                (HeadKind::Linear, SgrDistance::Cosine),
+            ]
+            .into_iter()
+            .map(|(h, d)| {
+                let vit: fn(HeadKind) -> SplitNet =
+                    |h| tiny_vit(3, h, 3, 2, TokenPool::Cls, true, 41);
+                (h, d, 2, vit)
+            }),
+        )
+        .collect();
+    for (head, distance_kind, from, build) in nets {
         let batch = tiny_batch(5, 2, 8, true, 40);
         let exact_cfg = SgrConfig {
             lambda: 2.0,
@@ -284,8 +312,7 @@ fn tangent_sgr_gradient_equals_the_double_backward_in_f64() {
             grad: SgrGrad::Jvp,
             ..exact_cfg.clone()
         };
-        let a = tiny_net_with_head(head, 3, 2, 8, true, 41);
-        let b = tiny_net_with_head(head, 3, 2, 8, true, 41);
+        let (a, b) = (build(head), build(head));
         step(&a, RuleKind::Sgr, &exact_cfg, &batch);
         step(&b, RuleKind::Sgr, &tangent_cfg, &batch);
         let (exact, tangent) = (all_module_grads(&a), all_module_grads(&b));
@@ -310,46 +337,13 @@ fn unit_and_head_tangents_match_central_differences_in_f64() {
         let net = tiny_mlp(3, 7, head, 3, (2, 4), true, 44);
         check_tangents(&net, &tiny_batch(5, 2, 4, true, 45));
     }
-}
-
-/// Checks every unit's and every head's tangent against a central difference of its training
-/// forward, in f64, running the units in order on `batch`.
-fn check_tangents(net: &SplitNet, batch: &Batch) {
-    // J·v by a central difference of the layer's training forward (frozen running
-    // statistics); ReLU kinks are O(ε) rare at ε = 1e-6, so it converges in f64.
-    let central = |f: &dyn Fn(&Tensor) -> Tensor, x: &Tensor, v: &Tensor| {
-        let eps = 1e-6;
-        net.with_frozen_buffers(|| (f(&(x + v * eps)) - f(&(x - v * eps))) / (2.0 * eps))
-    };
-    let mut x = batch.images.shallow_clone();
-    let range_ends: Vec<usize> = net.module_ranges().iter().map(|r| r.end).collect();
-    for u in 0..range_ends[range_ends.len() - 1] {
-        // Every unit, and every head on its module's output.
-        let v = x.randn_like();
-        let (value, tangent) =
-            tch::no_grad(|| net.unit_forward_dual(u, &(x.shallow_clone(), v.shallow_clone())));
-        let fd = central(&|t| net.forward_unit(u, t, true), &x, &v);
-        let err = (&tangent - &fd).norm().double_value(&[]) / fd.norm().double_value(&[]);
-        assert!(
-            err < 1e-6,
-            "unit {u}: tangent vs central difference {err:e}"
-        );
-        let train = net.with_frozen_buffers(|| net.forward_unit(u, &x, true));
-        assert!((&value - &train).abs().max().double_value(&[]) < 1e-12);
-        if range_ends.contains(&(u + 1)) {
-            let k = range_ends.iter().position(|&e| e == u + 1).unwrap();
-            let v = value.randn_like();
-            let (_, tangent) = tch::no_grad(|| {
-                net.head_logits_dual(k, &(value.shallow_clone(), v.shallow_clone()))
-            });
-            let fd = central(&|t| net.head_logits(k, t, true), &value, &v);
-            let err = (&tangent - &fd).norm().double_value(&[]) / fd.norm().double_value(&[]);
-            assert!(
-                err < 1e-6,
-                "head {k}: tangent vs central difference {err:e}"
-            );
+    // ViT: patch embedding (class token or not), LayerNorm, attention, GELU, token pooling,
+    // and every token head.
+    for pool in [TokenPool::Cls, TokenPool::Mean] {
+        for head in [HeadKind::Linear, HeadKind::Mlp, HeadKind::Block] {
+            let net = tiny_vit(3, head, 3, 2, pool, true, 46);
+            check_tangents(&net, &tiny_batch(4, 2, 8, true, 47));
         }
-        x = value;
     }
 }
 

@@ -6,6 +6,7 @@
 //! resume. Crop and flip are fused into two `gather`s (rows, then columns with the flip folded into
 //! the column index), which keeps the cost independent of how many samples are flipped and avoids
 //! a per-sample loop of small tensor ops.
+use rand::RngCore;
 use rand_chacha::ChaCha8Rng;
 use tch::Tensor;
 
@@ -83,6 +84,95 @@ pub fn pad_crop_flip(images: &Tensor, params: &Params) -> Tensor {
     padded.gather(2, &rows, false).gather(3, &cols, false)
 }
 
+/// One erased rectangle: sample, top-left corner, size, and the noise that fills it
+/// (`[C, h, w]`, row-major).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Erase {
+    /// Sample index in the batch.
+    pub sample: i64,
+    /// Top row.
+    pub top: i64,
+    /// Left column.
+    pub left: i64,
+    /// Height.
+    pub height: i64,
+    /// Width.
+    pub width: i64,
+    /// Standard-normal fill values, `C·height·width` of them.
+    pub noise: Vec<f32>,
+}
+
+/// A uniform draw in `[0, 1)` from the raw ChaCha output (53 bits).
+fn unit(rng: &mut ChaCha8Rng) -> f64 {
+    (rng.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+}
+
+/// A standard normal draw (Box–Muller on two uniform draws).
+fn normal(rng: &mut ChaCha8Rng) -> f32 {
+    let u = 1.0 - unit(rng); // in (0, 1], so the log is finite
+    let v = unit(rng);
+    ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32
+}
+
+/// Draws random erasing for `n` samples of `c x h x w`, as timm's `RandomErasing` in pixel
+/// mode (Zhong et al., 2020): with probability `p` a sample gets one rectangle of area
+/// U(0.02, 1/3) of the image and log-uniform aspect ratio in [0.3, 1/0.3], placed uniformly
+/// (up to 10 attempts to fit), filled with per-pixel standard-normal noise, which after
+/// normalisation is the data's own scale.
+pub fn draw_erasing(
+    rng: &mut ChaCha8Rng,
+    n: usize,
+    p: f64,
+    (c, h, w): (i64, i64, i64),
+) -> Vec<Erase> {
+    let mut out = Vec::new();
+    let log_ratio = (0.3f64.ln(), (1.0f64 / 0.3).ln());
+    for sample in 0..n as i64 {
+        if unit(rng) >= p {
+            continue;
+        }
+        for _ in 0..10 {
+            let area = (h * w) as f64 * (0.02 + unit(rng) * (1.0 / 3.0 - 0.02));
+            let ratio = (log_ratio.0 + unit(rng) * (log_ratio.1 - log_ratio.0)).exp();
+            let height = (area * ratio).sqrt().round() as i64;
+            let width = (area / ratio).sqrt().round() as i64;
+            if height < 1 || width < 1 || height >= h || width >= w {
+                continue;
+            }
+            let top = super::uniform_below(rng, (h - height + 1) as u64) as i64;
+            let left = super::uniform_below(rng, (w - width + 1) as u64) as i64;
+            let noise = (0..c * height * width).map(|_| normal(rng)).collect();
+            out.push(Erase {
+                sample,
+                top,
+                left,
+                height,
+                width,
+                noise,
+            });
+            break;
+        }
+    }
+    out
+}
+
+/// Applies `erases` to the normalised float batch `x` (`[B, C, H, W]`) in place.
+pub fn erase(x: &mut Tensor, erases: &[Erase]) {
+    let c = x.size()[1];
+    tch::no_grad(|| {
+        for e in erases {
+            let noise = Tensor::from_slice(&e.noise)
+                .view([c, e.height, e.width])
+                .to_kind(x.kind())
+                .to_device(x.device());
+            x.get(e.sample)
+                .narrow(1, e.top, e.height)
+                .narrow(2, e.left, e.width)
+                .copy_(&noise);
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -158,6 +248,56 @@ mod tests {
         assert!(y.get(1).equal(&x.get(1)));
         // Flipping twice is the identity.
         assert!(pad_crop_flip(&y, &params).equal(&x));
+    }
+
+    #[test]
+    fn erasing_hits_the_requested_fraction_inside_the_image() {
+        let mut rng = ChaCha8Rng::seed_from_u64(4);
+        let erases = draw_erasing(&mut rng, 2000, 0.25, (3, 32, 32));
+        // Binomial(2000, 0.25): mean 500, sd ≈ 19; a few attempts may fail to fit.
+        assert!(
+            (420..=560).contains(&erases.len()),
+            "{} erased",
+            erases.len()
+        );
+        let mut area = 0.0;
+        for e in &erases {
+            assert!(e.top >= 0 && e.top + e.height <= 32 && e.left >= 0 && e.left + e.width <= 32);
+            assert_eq!(e.noise.len() as i64, 3 * e.height * e.width);
+            area += (e.height * e.width) as f64 / 1024.0;
+        }
+        let mean_area = area / erases.len() as f64;
+        // U(0.02, 1/3) has mean ≈ 0.18; rounding and the fit test move it a little.
+        assert!((0.13..0.22).contains(&mean_area), "mean area {mean_area}");
+        let noise: Vec<f32> = erases
+            .iter()
+            .flat_map(|e| e.noise.iter().copied())
+            .collect();
+        let mean = noise.iter().map(|&v| v as f64).sum::<f64>() / noise.len() as f64;
+        let var = noise
+            .iter()
+            .map(|&v| (v as f64 - mean).powi(2))
+            .sum::<f64>()
+            / noise.len() as f64;
+        assert!(
+            mean.abs() < 0.01 && (var - 1.0).abs() < 0.02,
+            "mean {mean} var {var}"
+        );
+        // Applying writes exactly the rectangle.
+        let mut x = Tensor::zeros([1, 3, 32, 32], (Kind::Float, Device::Cpu));
+        let one = Erase {
+            sample: 0,
+            top: 2,
+            left: 5,
+            height: 3,
+            width: 4,
+            noise: vec![1.0; 36],
+        };
+        erase(&mut x, &[one]);
+        assert_eq!(x.sum(Kind::Double).double_value(&[]), 36.0);
+        assert_eq!(x.double_value(&[0, 2, 4, 8]), 1.0);
+        assert_eq!(x.double_value(&[0, 2, 5, 8]), 0.0);
+        assert!(draw_erasing(&mut rng, 100, 0.0, (3, 32, 32)).is_empty());
     }
 
     #[test]

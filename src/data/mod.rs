@@ -514,6 +514,8 @@ pub struct Batches {
     next: usize,
     /// `Some(flip)` when augmenting: crop, plus flips if `flip`.
     augment: Option<bool>,
+    /// Random-erasing probability per sample (0 = off).
+    erasing: f64,
     seed: u64,
     /// `1 / (255 std)` per channel, `[1, C, 1, 1]` on `device`.
     scale: Tensor,
@@ -582,6 +584,7 @@ impl Batches {
             n_batches: 0,
             next: 0,
             augment,
+            erasing: 0.0,
             seed,
             scale: per_channel(&scale),
             shift: per_channel(&shift),
@@ -589,6 +592,14 @@ impl Batches {
         };
         batches.n_batches = batches.count_batches(false);
         batches
+    }
+
+    /// Adds random erasing with probability `p` per sample (see [`augment::draw_erasing`]),
+    /// drawn after the crop and flip from the same `(seed, epoch, b)` stream, so batches stay
+    /// reproducible and, with `p = 0`, unchanged.
+    pub fn with_random_erasing(mut self, p: f64) -> Batches {
+        self.erasing = p;
+        self
     }
 
     /// Keeps a final batch of a single sample too (for evaluation, where BatchNorm uses its
@@ -616,14 +627,20 @@ impl Batches {
         let idx = Tensor::from_slice(&self.order[start..end]);
         let mut x = self.images.index_select(0, &idx);
         let y = self.labels.index_select(0, &idx);
+        let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
+        rng.set_stream(b as u64 + 1);
         if let Some(flip) = self.augment {
-            let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
-            rng.set_stream(b as u64 + 1);
             x = augment::pad_crop_flip(&x, &augment::Params::draw(&mut rng, end - start, flip));
         }
+        let (_, c, h, w) = x.size4().expect("[B, C, H, W] images");
+        let erases = (self.erasing > 0.0)
+            .then(|| augment::draw_erasing(&mut rng, end - start, self.erasing, (c, h, w)));
         // Transfer as u8 (4x less traffic), then normalise on the device:
         // (x / 255 - mean) / std == x * scale + shift.
-        let x = x.to_device(self.device).to_kind(Kind::Float) * &self.scale + &self.shift;
+        let mut x = x.to_device(self.device).to_kind(Kind::Float) * &self.scale + &self.shift;
+        if let Some(erases) = erases {
+            augment::erase(&mut x, &erases);
+        }
         Batch {
             images: x,
             labels: y.to_device(self.device),

@@ -31,8 +31,12 @@ pub trait ForwardDual {
 
 /// Convolution with padding k/2 (stride given: `nn::Conv2D` keeps its own private). Linear,
 /// so the tangent is the same convolution of ẋ, without the bias.
-pub fn conv(layer: &nn::Conv2D, stride: i64, (x, x_dot): &Dual) -> Dual {
-    let padding = layer.ws.size()[2] / 2;
+pub fn conv(layer: &nn::Conv2D, stride: i64, input: &Dual) -> Dual {
+    conv_padded(layer, stride, layer.ws.size()[2] / 2, input)
+}
+
+/// [`conv`] with an explicit padding (a ViT's patch embedding: kernel = stride, no padding).
+pub fn conv_padded(layer: &nn::Conv2D, stride: i64, padding: i64, (x, x_dot): &Dual) -> Dual {
     let apply = |t: &Tensor, bias: Option<&Tensor>| {
         t.conv2d(
             &layer.ws,
@@ -112,13 +116,84 @@ pub fn pool((x, x_dot): &Dual) -> Dual {
     (mean(x), mean(x_dot))
 }
 
-/// Mean cross-entropy and its tangent: `L̇ = mean_i Σ_c (p_ic − [c = y_i])·ż_ic`, p = softmax(z).
-pub fn cross_entropy((logits, logits_dot): &Dual, labels: &Tensor) -> Dual {
-    let log_probs = logits.log_softmax(-1, logits.kind());
-    let loss = log_probs.nll_loss(labels);
+/// Mean cross-entropy with label smoothing ε and its tangent:
+/// `L̇ = mean_i Σ_c (p_ic − q_ic)·ż_ic`, p = softmax(z), q = (1 − ε)·onehot(y) + ε/C.
+pub fn cross_entropy((logits, logits_dot): &Dual, labels: &Tensor, smoothing: f64) -> Dual {
+    let kind = logits.kind();
+    let loss = crate::rules::cross_entropy_smoothed(logits, labels, smoothing);
+    let log_probs = logits.log_softmax(-1, kind);
     let batch = logits.size()[0] as f64;
-    // nll_loss(ż) = −mean_i ż_{i, y_i}.
-    let tangent =
-        (log_probs.exp() * logits_dot).sum(logits.kind()) / batch + logits_dot.nll_loss(labels);
+    // nll_loss(ż) = −mean_i ż_{i, y_i}; the uniform part is −ε·mean_i mean_c ż_ic.
+    let mut tangent = (log_probs.exp() * logits_dot).sum(kind) / batch
+        + logits_dot.nll_loss(labels) * (1.0 - smoothing);
+    if smoothing != 0.0 {
+        tangent = tangent - logits_dot.mean(kind) * smoothing;
+    }
     (loss, tangent)
+}
+
+/// LayerNorm's ε in the Transformers (timm's and DeiT's ViTs use 1e-6).
+pub const LN_EPS: f64 = 1e-6;
+
+/// LayerNorm over the last dimension, as [`batch_norm`] but per token:
+///
+/// ```text
+/// y = γ·x̂ + β,   x̂ = (x − μ)·s,   s = (var + ε)^-1/2   (μ, var over the last dimension)
+/// ẏ = γ·s·(ẋ − mean(ẋ) − x̂·mean(x̂·ẋ))
+/// ```
+pub fn layer_norm(layer: &nn::LayerNorm, (x, x_dot): &Dual) -> Dual {
+    let kind = x.kind();
+    let last: &[i64] = &[-1];
+    let centred = x - x.mean_dim(last, true, kind);
+    let invstd = (centred.square().mean_dim(last, true, kind) + LN_EPS).rsqrt();
+    let x_hat = &centred * &invstd;
+    drop(centred);
+    let mean_dot = x_dot.mean_dim(last, true, kind);
+    let along_x_hat = (&x_hat * x_dot).mean_dim(last, true, kind);
+    let mut tangent = (x_dot - mean_dot - &x_hat * along_x_hat) * invstd;
+    let mut value = x_hat;
+    if let Some(g) = &layer.ws {
+        value = value * g;
+        tangent = tangent * g;
+    }
+    if let Some(b) = &layer.bs {
+        value = value + b;
+    }
+    (value, tangent)
+}
+
+/// GELU (exact, erf form): `ẏ = ẋ·(Φ(x) + x·φ(x))`, which is what `gelu_backward` computes
+/// for a gradient ẋ (the Jacobian is diagonal), and it is itself differentiable.
+pub fn gelu((x, x_dot): &Dual) -> Dual {
+    (x.gelu("none"), x.gelu_backward(x_dot, "none"))
+}
+
+/// Batched matrix product: `(AB)˙ = ȦB + AḂ`.
+pub fn matmul((a, a_dot): &Dual, (b, b_dot): &Dual) -> Dual {
+    (a.matmul(b), a_dot.matmul(b) + a.matmul(b_dot))
+}
+
+/// Softmax over `dim`: `ṗ = p ⊙ (ṡ − Σ_dim p ⊙ ṡ)`.
+pub fn softmax((s, s_dot): &Dual, dim: i64) -> Dual {
+    let p = s.softmax(dim, s.kind());
+    let along = (&p * s_dot).sum_dim_intlist(&[dim][..], true, s.kind());
+    let tangent = &p * (s_dot - along);
+    (p, tangent)
+}
+
+/// Sum of two duals (a residual connection).
+pub fn add((a, a_dot): &Dual, (b, b_dot): &Dual) -> Dual {
+    (a + b, a_dot + b_dot)
+}
+
+/// Token pooling `[B, T, D] -> [B, D]`: token 0 (`cls`) or the mean over tokens. Linear.
+pub fn token_pool((x, x_dot): &Dual, cls: bool) -> Dual {
+    let pool = |t: &Tensor| {
+        if cls {
+            t.select(1, 0)
+        } else {
+            t.mean_dim(&[1i64][..], false, t.kind())
+        }
+    };
+    (pool(x), pool(x_dot))
 }

@@ -1,8 +1,11 @@
 //! Classifier heads: the auxiliary (local) classifiers that give modules 1..K-1 their local
-//! loss, and the network's own classifier, which serves the last module.
+//! loss, and the network's own classifier, which serves the last module. A head first reads the
+//! features into one vector per sample ([`Reader`]: maps are pooled, tokens pooled and
+//! normalised, vectors taken as they are).
 use super::FeatureShape;
 use super::dual::{self, Dual, ForwardDual};
 use super::resnet::{batch_norm, conv};
+use super::vit;
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Tensor, nn, nn::ModuleT};
@@ -14,17 +17,84 @@ pub enum HeadKind {
     /// DGL/InfoPro-style: conv3x3 + BN + ReLU at the module's width, global average pool, linear.
     #[default]
     Conv,
-    /// Global average pool + linear (a linear probe that is trained).
+    /// Pool + linear (a linear probe that is trained); on tokens: pool + LayerNorm + linear.
     Linear,
-    /// Global average pool + linear(C, 128) + ReLU + linear.
+    /// Pool + linear(C, 128) + ReLU + linear (on tokens with a LayerNorm after the pool).
     Mlp,
+    /// One Transformer block at the module's width, then pool + LayerNorm + linear (token
+    /// features only: the stronger, InfoPro-style head for ViTs).
+    Block,
 }
 
 /// Hidden width of the `mlp` head.
 const MLP_HIDDEN: i64 = 128;
 
-/// A classifier on features (maps `[B, C, H, W]` or vectors `[B, N]`) giving logits
-/// `[B, classes]`. Maps are pooled globally first; vectors are read as they are.
+/// How a head reads features into one vector per sample.
+#[derive(Debug)]
+pub enum Reader {
+    /// Vectors, read as they are.
+    Vector,
+    /// Feature maps, globally average-pooled.
+    Map,
+    /// Tokens: the class token (or the token mean), then LayerNorm.
+    Tokens {
+        /// The LayerNorm after pooling.
+        norm: nn::LayerNorm,
+        /// Read the class token (token 0) rather than the mean.
+        cls: bool,
+    },
+}
+
+impl Reader {
+    /// The reader for `input` features (a LayerNorm under `p / "norm"` for tokens).
+    pub fn new(p: &nn::Path, input: FeatureShape) -> Self {
+        match input {
+            FeatureShape::Vector { .. } => Reader::Vector,
+            FeatureShape::Map { .. } => Reader::Map,
+            FeatureShape::Tokens { d, cls, .. } => Reader::Tokens {
+                norm: vit::layer_norm(p / "norm", d),
+                cls,
+            },
+        }
+    }
+
+    /// `[B, ...] -> [B, C]`.
+    fn read(&self, xs: &Tensor) -> Tensor {
+        match self {
+            Reader::Vector => xs.shallow_clone(),
+            Reader::Map => xs.mean_dim(&[2i64, 3][..], false, xs.kind()),
+            Reader::Tokens { norm, cls } => {
+                let pooled = if *cls {
+                    xs.select(1, 0)
+                } else {
+                    xs.mean_dim(&[1i64][..], false, xs.kind())
+                };
+                pooled.apply(norm)
+            }
+        }
+    }
+
+    /// [`Reader::read`] of a value and its tangent.
+    fn read_dual(&self, input: &Dual) -> Dual {
+        match self {
+            Reader::Vector => (input.0.shallow_clone(), input.1.shallow_clone()),
+            Reader::Map => dual::pool(input),
+            Reader::Tokens { norm, cls } => dual::layer_norm(norm, &dual::token_pool(input, *cls)),
+        }
+    }
+
+    /// Elements per sample the reading keeps for backward (the pooled vector; for tokens also
+    /// the normalised one).
+    fn activation_elems(input: FeatureShape) -> i64 {
+        match input {
+            FeatureShape::Tokens { d, .. } => 2 * d,
+            other => other.channels(),
+        }
+    }
+}
+
+/// A classifier on features (maps `[B, C, H, W]`, vectors `[B, N]` or tokens `[B, T, D]`)
+/// giving logits `[B, classes]`.
 // Built once per module, so the size difference between variants costs nothing.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
@@ -38,104 +108,132 @@ pub enum Head {
         /// The final linear layer.
         fc: nn::Linear,
     },
-    /// Pool (maps only) + linear; also the network's own classifier.
+    /// Read + linear; also the network's own classifier.
     Linear {
+        /// How the features are pooled.
+        read: Reader,
         /// The linear layer.
         fc: nn::Linear,
-        /// Whether the input is a feature map to pool.
-        pool: bool,
     },
     /// See [`HeadKind::Mlp`].
     Mlp {
+        /// How the features are pooled.
+        read: Reader,
         /// First linear layer.
         fc1: nn::Linear,
         /// Second linear layer.
         fc2: nn::Linear,
-        /// Whether the input is a feature map to pool.
-        pool: bool,
+    },
+    /// See [`HeadKind::Block`].
+    Block {
+        /// The Transformer block.
+        block: vit::Block,
+        /// Pool + LayerNorm.
+        read: Reader,
+        /// The linear layer.
+        fc: nn::Linear,
     },
 }
 
 impl Head {
     /// Builds a head of `kind` under `p` for features of shape `input`; a conv head on
-    /// vectors is a configuration error.
+    /// vectors or tokens, and a block head on anything but tokens, are configuration errors.
     pub fn new(p: &nn::Path, kind: HeadKind, input: FeatureShape, classes: i64) -> Result<Self> {
         let c = input.channels();
-        let pool = matches!(input, FeatureShape::Map { .. });
-        Ok(match kind {
-            HeadKind::Conv if !pool => {
-                return Err(Error::Config(format!(
-                    "--aux-head conv needs feature maps, but the modules output {input}; use --aux-head linear or mlp"
-                )));
-            }
-            HeadKind::Conv => Head::Conv {
+        Ok(match (kind, input) {
+            (HeadKind::Conv, FeatureShape::Map { .. }) => Head::Conv {
                 conv: conv(p / "conv", c, c, 3, 1),
                 bn: batch_norm(p / "bn", c),
                 fc: nn::linear(p / "fc", c, classes, Default::default()),
             },
-            HeadKind::Linear => Head::Linear {
-                fc: nn::linear(p / "fc", c, classes, Default::default()),
-                pool,
+            (HeadKind::Conv, _) => {
+                return Err(Error::Config(format!(
+                    "--aux-head conv needs feature maps, but the modules output {input}; use --aux-head linear or mlp"
+                )));
+            }
+            (HeadKind::Linear, _) => Head::Linear {
+                read: Reader::new(p, input),
+                fc: linear(p / "fc", c, classes, input),
             },
-            HeadKind::Mlp => Head::Mlp {
-                fc1: nn::linear(p / "fc1", c, MLP_HIDDEN, Default::default()),
-                fc2: nn::linear(p / "fc2", MLP_HIDDEN, classes, Default::default()),
-                pool,
+            (HeadKind::Mlp, _) => Head::Mlp {
+                read: Reader::new(p, input),
+                fc1: linear(p / "fc1", c, MLP_HIDDEN, input),
+                fc2: linear(p / "fc2", MLP_HIDDEN, classes, input),
             },
+            (HeadKind::Block, FeatureShape::Tokens { d, .. }) => Head::Block {
+                block: vit::Block::new(&(p / "block"), d, block_heads(d)),
+                read: Reader::new(p, input),
+                fc: linear(p / "fc", c, classes, input),
+            },
+            (HeadKind::Block, _) => {
+                return Err(Error::Config(format!(
+                    "--aux-head block needs token features (a vit-* network), but the modules output {input}"
+                )));
+            }
         })
     }
 
-    /// The network's own classifier ((pool +) `fc`), named `fc` at the root as in torchvision.
+    /// The network's own classifier: read + `fc`, named `fc` at the root as in torchvision
+    /// (and `norm` for the LayerNorm of token features).
     pub fn classifier(root: &nn::Path, features: FeatureShape, classes: i64) -> Self {
         Head::Linear {
-            fc: nn::linear(
-                root / "fc",
-                features.channels(),
-                classes,
-                Default::default(),
-            ),
-            pool: matches!(features, FeatureShape::Map { .. }),
+            read: Reader::new(root, features),
+            fc: linear(root / "fc", features.channels(), classes, features),
+        }
+    }
+
+    /// Variable-name prefixes of the network's own classifier on `features`.
+    pub fn classifier_prefixes(features: FeatureShape) -> Vec<String> {
+        match features {
+            FeatureShape::Tokens { .. } => vec!["fc.".into(), "norm.".into()],
+            _ => vec!["fc.".into()],
         }
     }
 
     /// Elements per sample of the tensors this head keeps alive for backward.
     pub fn activation_elems(kind: HeadKind, input: FeatureShape) -> i64 {
         let c = input.channels();
-        match kind {
-            HeadKind::Conv => 3 * input.elems() + c,
-            HeadKind::Linear => c,
-            HeadKind::Mlp => c + 2 * MLP_HIDDEN,
+        let read = Reader::activation_elems(input);
+        match (kind, input) {
+            (HeadKind::Conv, _) => 3 * input.elems() + c,
+            (HeadKind::Linear, _) => read,
+            (HeadKind::Mlp, _) => read + 2 * MLP_HIDDEN,
+            (HeadKind::Block, FeatureShape::Tokens { t, d, .. }) => {
+                vit::Block::activation_elems(t, d, block_heads(d)) + read
+            }
+            (HeadKind::Block, _) => 0,
         }
     }
 }
 
-/// Global average pool `[B, C, H, W] -> [B, C]` if `pool`, else the input as it is.
-fn pooled(xs: &Tensor, pool: bool) -> Tensor {
-    if pool {
-        xs.mean_dim(&[2i64, 3][..], false, xs.kind())
-    } else {
-        xs.shallow_clone()
+/// A head's linear layer: PyTorch's default initialisation, or timm's ViT one (truncated
+/// normal 0.02, zero bias) on token features, so a ViT's heads start as its classifier does.
+fn linear(p: nn::Path, fan_in: i64, fan_out: i64, input: FeatureShape) -> nn::Linear {
+    match input {
+        FeatureShape::Tokens { .. } => vit::linear(p, fan_in, fan_out),
+        _ => nn::linear(p, fan_in, fan_out, Default::default()),
     }
+}
+
+/// Heads of a `block` head of width `d`: width 64 per head, as ViT-B, at least one.
+fn block_heads(d: i64) -> i64 {
+    let heads = (d / 64).max(1);
+    if d % heads == 0 { heads } else { 1 }
 }
 
 impl ModuleT for Head {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
         match self {
-            Head::Conv { conv, bn, fc } => {
-                pooled(&xs.apply(conv).apply_t(bn, train).relu(), true).apply(fc)
-            }
-            Head::Linear { fc, pool } => pooled(xs, *pool).apply(fc),
-            Head::Mlp { fc1, fc2, pool } => pooled(xs, *pool).apply(fc1).relu().apply(fc2),
+            Head::Conv { conv, bn, fc } => xs
+                .apply(conv)
+                .apply_t(bn, train)
+                .relu()
+                .mean_dim(&[2i64, 3][..], false, xs.kind())
+                .apply(fc),
+            Head::Linear { read, fc } => read.read(xs).apply(fc),
+            Head::Mlp { read, fc1, fc2 } => read.read(xs).apply(fc1).relu().apply(fc2),
+            Head::Block { block, read, fc } => read.read(&block.forward_t(xs, train)).apply(fc),
         }
-    }
-}
-
-/// [`pooled`] of a value and its tangent.
-fn pooled_dual(input: &Dual, pool: bool) -> Dual {
-    if pool {
-        dual::pool(input)
-    } else {
-        (input.0.shallow_clone(), input.1.shallow_clone())
     }
 }
 
@@ -149,11 +247,14 @@ impl ForwardDual for Head {
                 h = dual::pool(&h);
                 dual::linear(fc, &h)
             }
-            Head::Linear { fc, pool } => dual::linear(fc, &pooled_dual(input, *pool)),
-            Head::Mlp { fc1, fc2, pool } => {
-                let mut h = dual::linear(fc1, &pooled_dual(input, *pool));
+            Head::Linear { read, fc } => dual::linear(fc, &read.read_dual(input)),
+            Head::Mlp { read, fc1, fc2 } => {
+                let mut h = dual::linear(fc1, &read.read_dual(input));
                 h = dual::relu(&h);
                 dual::linear(fc2, &h)
+            }
+            Head::Block { block, read, fc } => {
+                dual::linear(fc, &read.read_dual(&block.forward_dual(input)))
             }
         }
     }

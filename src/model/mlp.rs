@@ -9,7 +9,7 @@
 //! `layers.{i}.fc.*` and `layers.{i}.bn.*`, the classifier `fc.*`.
 use super::FeatureShape;
 use super::dual::{self, Dual, ForwardDual};
-use super::network::{Built, Family, Network, Parsed, UnitSpec};
+use super::network::{Built, Family, NetOptions, Network, Parsed, UnitSpec};
 use super::splits::TableEntry;
 use crate::Result;
 use std::sync::Arc;
@@ -102,7 +102,7 @@ impl Network for Mlp {
         (1..=self.depth).map(|k| (k, TableEntry::Even)).collect()
     }
 
-    fn build(&self, root: &nn::Path, input: FeatureShape) -> Result<Built> {
+    fn build(&self, root: &nn::Path, input: FeatureShape, _: &NetOptions) -> Result<Built> {
         let out = FeatureShape::Vector { n: self.width };
         let mut fan_in = input.elems();
         let units = (0..self.depth)

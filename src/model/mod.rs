@@ -10,9 +10,10 @@ pub mod mlp;
 pub mod network;
 pub mod resnet;
 pub mod splits;
+pub mod vit;
 
 pub use heads::{Head, HeadKind};
-pub use network::{Arch, Network};
+pub use network::{Arch, NetOptions, Network, TokenPool};
 pub use splits::SplitStrategy;
 
 use crate::Result;
@@ -51,6 +52,16 @@ pub enum FeatureShape {
         /// Features.
         n: i64,
     },
+    /// A sequence of `t` tokens of width `d`, `[T, D]` (Transformer blocks). With `cls`, token 0
+    /// is a class token and pooling reads it; otherwise pooling averages the tokens.
+    Tokens {
+        /// Tokens (the class token included).
+        t: i64,
+        /// Width of each token.
+        d: i64,
+        /// Whether token 0 is a class token.
+        cls: bool,
+    },
 }
 
 impl FeatureShape {
@@ -64,14 +75,17 @@ impl FeatureShape {
         match *self {
             FeatureShape::Map { c, h, w } => c * h * w,
             FeatureShape::Vector { n } => n,
+            FeatureShape::Tokens { t, d, .. } => t * d,
         }
     }
 
-    /// Channels of a map or features of a vector: the width a pooled head reads.
+    /// Channels of a map, features of a vector or width of a token: the width a pooled head
+    /// reads.
     pub fn channels(&self) -> i64 {
         match *self {
             FeatureShape::Map { c, .. } => c,
             FeatureShape::Vector { n } => n,
+            FeatureShape::Tokens { d, .. } => d,
         }
     }
 }
@@ -81,6 +95,7 @@ impl std::fmt::Display for FeatureShape {
         match self {
             FeatureShape::Map { c, h, w } => write!(f, "{c}x{h}x{w} feature maps"),
             FeatureShape::Vector { n } => write!(f, "vectors of {n}"),
+            FeatureShape::Tokens { t, d, .. } => write!(f, "{t} tokens of width {d}"),
         }
     }
 }
@@ -103,6 +118,12 @@ pub struct ModelSpec {
     /// What the rule adds to the memory of some modules (SGR), for `--split balanced-memory`.
     #[serde(default)]
     pub penalty_cost: Option<splits::PenaltyCost>,
+    /// Network options that are not part of the name (patch size, token pooling).
+    #[serde(default)]
+    pub options: NetOptions,
+    /// Label smoothing ε of every module's cross-entropy ([`SplitNet::loss`]).
+    #[serde(default)]
+    pub label_smoothing: f64,
 }
 
 /// A network cut into K modules, each with a classifier head.
@@ -114,6 +135,8 @@ pub struct SplitNet {
     units: Vec<network::UnitSpec>,
     modules: Vec<Range<usize>>,
     heads: Vec<Head>,
+    /// Variable-name prefixes of every module's head.
+    head_prefixes: Vec<Vec<String>>,
 }
 
 impl std::fmt::Debug for SplitNet {
@@ -135,7 +158,7 @@ impl SplitNet {
         let mut vs = nn::VarStore::new(Device::Cpu);
         let root = vs.root();
         let network = spec.arch.network();
-        let network::Built { units, features } = network.build(&root, spec.input)?;
+        let network::Built { units, features } = network.build(&root, spec.input, &spec.options)?;
         let weights: Vec<i64> = units.iter().map(|u| u.activation_elems).collect();
         let modules = splits::split(
             network,
@@ -145,12 +168,15 @@ impl SplitNet {
             spec.penalty_cost,
         )?;
         let mut heads = Vec::with_capacity(modules.len());
+        let mut head_prefixes = Vec::with_capacity(modules.len());
         for range in &modules[..modules.len() - 1] {
             let last = range.end - 1;
             let p = &root / "aux" / last;
             heads.push(Head::new(&p, spec.head, units[last].out, spec.classes)?);
+            head_prefixes.push(vec![format!("aux.{last}.")]);
         }
         heads.push(Head::classifier(&root, features, spec.classes));
+        head_prefixes.push(Head::classifier_prefixes(features));
         if device != Device::Cpu {
             vs.set_device(device);
         }
@@ -160,6 +186,7 @@ impl SplitNet {
             units,
             modules,
             heads,
+            head_prefixes,
         })
     }
 
@@ -189,6 +216,18 @@ impl SplitNet {
             h = unit.layer.forward_t(&h, train);
         }
         h
+    }
+
+    /// The local (training) loss of logits `[B, classes]` against `labels` `[B]`: mean
+    /// cross-entropy with the spec's label smoothing, in the logits' precision. Every rule
+    /// trains every module on this loss; evaluation reports plain cross-entropy.
+    pub fn loss(&self, logits: &Tensor, labels: &Tensor) -> Tensor {
+        crate::rules::cross_entropy_smoothed(logits, labels, self.spec.label_smoothing)
+    }
+
+    /// [`SplitNet::loss`] and its tangent for logits `(z, ż)`.
+    pub fn loss_dual(&self, logits: &Dual, labels: &Tensor) -> Dual {
+        dual::cross_entropy(logits, labels, self.spec.label_smoothing)
     }
 
     /// Logits of module `k`'s head on its output `h` -> `[B, classes]`.
@@ -246,40 +285,42 @@ impl SplitNet {
         4 * batch * (input + units + head)
     }
 
-    /// Parameter count of every head, by variable prefix (`aux.{unit}` or `fc`).
+    /// Parameter count of every head, named by its first variable prefix (`aux.{unit}` or
+    /// `fc`).
     pub fn head_parameter_counts(&self) -> Vec<(String, i64)> {
-        let mut prefixes: Vec<String> = self.modules[..self.num_modules() - 1]
-            .iter()
-            .map(|r| format!("aux.{}.", r.end - 1))
-            .collect();
-        prefixes.push("fc.".into());
         let vars = self.vs.variables();
-        prefixes
-            .into_iter()
-            .map(|p| {
+        self.head_prefixes
+            .iter()
+            .map(|prefixes| {
                 let n = vars
                     .iter()
-                    .filter(|(k, _)| k.starts_with(&p))
+                    .filter(|(k, _)| prefixes.iter().any(|p| k.starts_with(p)))
                     .map(|(_, t)| t.numel() as i64)
                     .sum();
-                (p.trim_end_matches('.').to_string(), n)
+                (prefixes[0].trim_end_matches('.').to_string(), n)
             })
             .collect()
+    }
+
+    /// The module that owns variable `name` (its units or its head), if any.
+    pub fn module_of_variable(&self, name: &str) -> Option<usize> {
+        (0..self.num_modules())
+            .find(|&k| self.module_prefixes(k).iter().any(|p| name.starts_with(p)))
+    }
+
+    /// Variables weight decay must skip besides rank-1 tensors (the network's list).
+    pub fn no_weight_decay(&self) -> Vec<String> {
+        self.spec.arch.network().no_weight_decay()
     }
 
     /// Variable-name prefixes of module `k`: its units and its head.
     fn module_prefixes(&self, k: usize) -> Vec<String> {
         let range = self.modules[k].clone();
-        let mut prefixes: Vec<String> = self.units[range.clone()]
+        self.units[range]
             .iter()
             .flat_map(|u| u.prefixes.iter().cloned())
-            .collect();
-        prefixes.push(if k + 1 == self.num_modules() {
-            "fc.".to_string()
-        } else {
-            format!("aux.{}.", range.end - 1)
-        });
-        prefixes
+            .chain(self.head_prefixes[k].iter().cloned())
+            .collect()
     }
 
     /// Module `k`'s variables (units and head), sorted by name; `trainable` selects parameters

@@ -10,7 +10,7 @@
 //! `mlp-8x256`); [`Arch`] is that name, checked against the registry when it is parsed.
 use super::FeatureShape;
 use super::splits::TableEntry;
-use super::{mlp, resnet};
+use super::{mlp, resnet, vit};
 use crate::Result;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -34,6 +34,28 @@ pub struct UnitSpec {
     pub prefixes: Vec<String>,
 }
 
+/// How a Transformer's classifier and token heads pool the tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum TokenPool {
+    /// A learnable class token is prepended; heads read it (ViT, DeiT).
+    #[default]
+    Cls,
+    /// No class token; heads average the patch tokens.
+    Mean,
+}
+
+/// Network options that are not part of the network's name. Networks ignore the ones that do
+/// not apply to them (a ResNet has no patches).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NetOptions {
+    /// Patch size of a Vision Transformer (`None`: chosen from the input size).
+    pub patch_size: Option<i64>,
+    /// How token features are pooled.
+    pub token_pool: TokenPool,
+}
+
 /// A built network: its units and the feature shape its classifier reads.
 pub struct Built {
     /// The units, in order.
@@ -53,11 +75,20 @@ pub trait Network: std::fmt::Debug + Send + Sync {
     /// Whether the units output feature maps (`Map`) rather than vectors, so that the heads that
     /// need maps can be checked before anything is built.
     fn outputs_maps(&self) -> bool;
+    /// Whether the units output token sequences (`Tokens`), for the same checks.
+    fn outputs_tokens(&self) -> bool {
+        false
+    }
+    /// Names of parameters (whole variable names) that weight decay must skip although their
+    /// rank is 2 or more, like timm's `no_weight_decay()` (position embedding, class token).
+    fn no_weight_decay(&self) -> Vec<String> {
+        Vec::new()
+    }
     /// The split table: for each listed K, how the units are cut (`--split table`).
     fn split_table(&self) -> Vec<(usize, TableEntry)>;
-    /// Builds the units under `root` for inputs of shape `input`; fails with a configuration
-    /// error when the network cannot take such inputs.
-    fn build(&self, root: &nn::Path, input: FeatureShape) -> Result<Built>;
+    /// Builds the units under `root` for inputs of shape `input` with `options`; fails with a
+    /// configuration error when the network cannot take such inputs.
+    fn build(&self, root: &nn::Path, input: FeatureShape, options: &NetOptions) -> Result<Built>;
 }
 
 /// What a family's parser returns: `None` if the name is not of the family, `Some(Err(why))` if
@@ -73,7 +104,7 @@ pub struct Family {
 }
 
 /// Every network family. Adding a network: a file implementing [`Network`] and a line here.
-pub const FAMILIES: &[Family] = &[resnet::FAMILY, mlp::FAMILY];
+pub const FAMILIES: &[Family] = &[resnet::FAMILY, mlp::FAMILY, vit::FAMILY];
 
 /// A network name, checked against [`FAMILIES`] when parsed (`"resnet32".parse::<Arch>()`).
 #[derive(Clone)]

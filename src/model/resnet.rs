@@ -7,7 +7,7 @@
 //! `fc`), so they do not depend on K and match a PyTorch `state_dict` key by key.
 use super::FeatureShape;
 use super::dual::{self, Dual, ForwardDual};
-use super::network::{Built, Family, Network, Parsed, UnitSpec};
+use super::network::{Built, Family, NetOptions, Network, Parsed, UnitSpec};
 use super::splits::TableEntry;
 use crate::{Error, Result};
 use std::sync::Arc;
@@ -143,7 +143,7 @@ impl Network for Resnet {
             .collect()
     }
 
-    fn build(&self, root: &nn::Path, input: FeatureShape) -> Result<Built> {
+    fn build(&self, root: &nn::Path, input: FeatureShape, _: &NetOptions) -> Result<Built> {
         let FeatureShape::Map { c, h, w } = input else {
             return Err(Error::Config(format!(
                 "--model {}: needs image inputs, got {input}",

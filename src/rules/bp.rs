@@ -3,7 +3,7 @@
 //! The backbone and classifier get the gradient of the last loss only. When K > 1, the auxiliary
 //! heads still exist and are trained on *detached* module outputs, so they act as depth-wise
 //! probes (their accuracies are comparable to the local rules') without changing the backbone.
-use super::{Rule, StepContext, StepRecorder, StepStats, cross_entropy};
+use super::{Rule, StepContext, StepRecorder, StepStats};
 use crate::Result;
 use crate::data::Batch;
 use crate::model::SplitNet;
@@ -23,7 +23,7 @@ impl Rule for Bp {
             // Probe heads see a detached copy: no gradient from them reaches the backbone.
             let head_input = if last { h.shallow_clone() } else { h.detach() };
             let logits = net.head_logits(k, &head_input, true);
-            let loss = cross_entropy(&logits, &batch.labels);
+            let loss = net.loss(&logits, &batch.labels);
             record.loss(&loss, &logits, &batch.labels, last);
             total = Some(match total {
                 None => loss,

@@ -4,7 +4,7 @@
 //! *detached*, so its local loss L_k = CE(head_k(f_k(sg(h_{k-1}))), y) reaches only θ_k and the
 //! head's parameters. Its graph is released by its own backward before module k+1 runs, which
 //! is where the memory saving comes from: only one module's activations are alive at a time.
-use super::{Rule, StepContext, StepRecorder, StepStats, cross_entropy};
+use super::{Rule, StepContext, StepRecorder, StepStats};
 use crate::Result;
 use crate::data::Batch;
 use crate::model::SplitNet;
@@ -20,7 +20,7 @@ impl Rule for Dgl {
         for k in 0..modules {
             let h_out = net.forward_module(k, &h.detach(), true);
             let logits = net.head_logits(k, &h_out, true);
-            let loss = cross_entropy(&logits, &batch.labels);
+            let loss = net.loss(&logits, &batch.labels);
             loss.backward(); // frees module k's graph
             record.loss(&loss, &logits, &batch.labels, k + 1 == modules);
             h = h_out.detach();

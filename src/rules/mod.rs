@@ -120,6 +120,20 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Tensor {
     logits.log_softmax(-1, logits.kind()).nll_loss(labels)
 }
 
+/// [`cross_entropy`] with label smoothing ε: the target is `(1 − ε)·onehot + ε/C`, so the loss
+/// is `(1 − ε)·CE + ε·mean_c(−log p_c)` (PyTorch's `label_smoothing`).
+pub fn cross_entropy_smoothed(logits: &Tensor, labels: &Tensor, smoothing: f64) -> Tensor {
+    let log_probs = logits.log_softmax(-1, logits.kind());
+    let nll = log_probs.nll_loss(labels);
+    if smoothing == 0.0 {
+        return nll;
+    }
+    let uniform = -log_probs
+        .mean_dim(&[-1i64][..], false, logits.kind())
+        .mean(logits.kind());
+    nll * (1.0 - smoothing) + uniform * smoothing
+}
+
 /// Number of rows of `logits` whose arg-max equals the label.
 pub fn correct(logits: &Tensor, labels: &Tensor) -> i64 {
     correct_tensor(logits, labels).int64_value(&[])
@@ -204,5 +218,44 @@ impl StepRecorder {
             correct: rest.next().map_or(0, |c| c as i64),
             samples: self.samples,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    #[test]
+    fn label_smoothing_is_cross_entropy_against_the_smoothed_target() {
+        let logits = Tensor::randn([5, 4], (Kind::Double, Device::Cpu));
+        let labels = Tensor::from_slice(&[0i64, 3, 1, 1, 2]);
+        let eps = 0.2;
+        // −Σ_c q_c log p_c with q = (1 − ε)·onehot + ε/C, averaged over the batch.
+        let target = labels.one_hot(4).to_kind(Kind::Double) * (1.0 - eps) + eps / 4.0;
+        let expected = -(target * logits.log_softmax(-1, Kind::Double))
+            .sum_dim_intlist(&[-1i64][..], false, Kind::Double)
+            .mean(Kind::Double);
+        let got = cross_entropy_smoothed(&logits, &labels, eps);
+        assert!((got - &expected).abs().double_value(&[]) < 1e-12);
+        let plain = cross_entropy_smoothed(&logits, &labels, 0.0);
+        assert!(
+            (plain - cross_entropy(&logits, &labels))
+                .abs()
+                .double_value(&[])
+                == 0.0
+        );
+        // The tangent of the smoothed loss against a central difference.
+        let v = logits.randn_like();
+        let (_, tangent) = crate::model::dual::cross_entropy(
+            &(logits.shallow_clone(), v.shallow_clone()),
+            &labels,
+            eps,
+        );
+        let h = 1e-6;
+        let fd = (cross_entropy_smoothed(&(&logits + &v * h), &labels, eps)
+            - cross_entropy_smoothed(&(&logits - &v * h), &labels, eps))
+            / (2.0 * h);
+        assert!((tangent - fd).abs().double_value(&[]) < 1e-8);
     }
 }

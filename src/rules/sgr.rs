@@ -37,11 +37,11 @@
 //! to rounding (tested to 1e-10 in f64) and needs less memory at every K ≥ 4 (ResNet-32, batch
 //! 128: 160 vs 300 MiB at K=4, 136 vs 184 at K=16), for 1.2–1.4x the time (BENCHMARKS.md).
 //! See `../shared/research/paper.md` §3.3–3.6 for which parts are confirmed and which are ours.
-use super::{Rule, StepContext, StepRecorder, StepStats, cross_entropy};
+use super::{Rule, StepContext, StepRecorder, StepStats};
 use crate::Result;
 use crate::data::Batch;
 use crate::model::SplitNet;
-use crate::model::dual::{self, Dual};
+use crate::model::dual::Dual;
 use crate::model::splits::PenaltyCost;
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
@@ -244,7 +244,7 @@ impl Rule for Sgr {
             prev_output_grad = match target {
                 Some(target) if cfg.grad == SgrGrad::Exact => {
                     let logits = net.head_logits(k, &h_out, true);
-                    let loss = cross_entropy(&logits, labels);
+                    let loss = net.loss(&logits, labels);
                     record.loss(&loss, &logits, labels, last);
                     // Both gradients are of the plain loss L_k, taken before the penalty exists.
                     let inputs: &[&Tensor] = if sends { &[&h_in, &h_out] } else { &[&h_in] };
@@ -316,7 +316,7 @@ fn sender_penalty(
 ) -> Tensor {
     net.with_frozen_module_buffers(j, || {
         let h_out = net.forward_module(j, input, true);
-        let loss = cross_entropy(&net.head_logits(j, &h_out, true), labels);
+        let loss = net.loss(&net.head_logits(j, &h_out, true), labels);
         let output_grad = Tensor::run_backward(&[&loss], &[&h_out], true, true).remove(0);
         let penalty = distance(cfg.distance, &output_grad, target);
         (&penalty * lambda).backward();
@@ -341,13 +341,13 @@ fn local_backward(
 ) -> (Tensor, Tensor, Option<Tensor>) {
     if !want_output_grad {
         let logits = net.head_logits(k, h_out, true);
-        let loss = cross_entropy(&logits, labels);
+        let loss = net.loss(&logits, labels);
         loss.backward();
         return (loss, logits, None);
     }
     let head_input = h_out.detach().set_requires_grad(true);
     let logits = net.head_logits(k, &head_input, true);
-    let loss = cross_entropy(&logits, labels);
+    let loss = net.loss(&logits, labels);
     loss.backward();
     let output_grad = head_input.grad().detach();
     // d/dθ Σ h_out ⊙ g = (∂h_out/∂θ)ᵀ g with g held constant: the units' share of the backward.
@@ -362,7 +362,7 @@ fn head_output_grad(net: &SplitNet, k: usize, h_out: &Tensor, labels: &Tensor) -
     // The backward reads the running statistics (saved by BatchNorm), so it runs before they
     // are restored.
     net.with_frozen_module_buffers(k, || {
-        let loss = cross_entropy(&net.head_logits(k, &leaf, true), labels);
+        let loss = net.loss(&net.head_logits(k, &leaf, true), labels);
         Tensor::run_backward(&[&loss], &[&leaf], false, false).remove(0)
     })
 }
@@ -418,7 +418,7 @@ fn tangent_penalty(
     // Head segment: the objective is λ·L̇ (the plain loss's gradient is already in place).
     let output = leaves(boundaries.pop().expect("module output"), true);
     let logits = net.head_logits_dual(k, &output);
-    let (_, loss_dot) = dual::cross_entropy(&logits, labels);
+    let (_, loss_dot) = net.loss_dual(&logits, labels);
     (loss_dot * lambda).backward();
     let mut output_adjoint = adjoint(&output);
     // The spent graph's nodes hold the leaves (and their values) as long as any output of
@@ -466,7 +466,7 @@ fn finite_difference_penalty(
     let grads_at = |x: &Tensor| {
         net.with_frozen_module_buffers(k, || {
             let logits = net.head_logits(k, &net.forward_module(k, x, true), true);
-            Tensor::run_backward(&[&cross_entropy(&logits, labels)], &params, false, false)
+            Tensor::run_backward(&[&net.loss(&logits, labels)], &params, false, false)
         })
     };
     // x = h + εv, then h − εv = 2h − (h + εv), both in v's storage; the rounding this adds is
@@ -511,7 +511,7 @@ mod tests {
         // Module 2's input, the previous module's output h, and its plain backward, as the
         // rule runs them before the penalty passes.
         let h = tch::no_grad(|| net.forward_module(0, &x, true));
-        let loss = cross_entropy(
+        let loss = crate::rules::cross_entropy(
             &net.head_logits(1, &net.forward_module(1, &h, true), true),
             &labels,
         );

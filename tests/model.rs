@@ -1,5 +1,5 @@
 //! Model: shapes for every depth and input, variable names, splits and memory estimates.
-use sgr::model::{Arch, FeatureShape, HeadKind, ModelSpec, SplitNet, SplitStrategy};
+use sgr::model::{Arch, FeatureShape, HeadKind, ModelSpec, SplitNet, SplitStrategy, TokenPool};
 use tch::{Device, Kind, Tensor};
 
 fn spec(
@@ -304,4 +304,161 @@ fn mlp_splits_go_to_one_layer_per_module_and_no_further() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("--aux-head conv") && e.contains("linear"), "{e}");
+}
+
+/// A ViT spec for `c`x`s`x`s` inputs with `classes` classes.
+fn vit_spec(
+    name: &str,
+    modules: usize,
+    head: HeadKind,
+    (c, s): (i64, i64),
+    classes: i64,
+) -> ModelSpec {
+    ModelSpec {
+        classes,
+        ..spec(
+            name.parse::<Arch>().unwrap(),
+            modules,
+            c,
+            s,
+            head,
+            SplitStrategy::Table,
+        )
+    }
+}
+
+#[test]
+fn vit_parameter_counts_match_deit_and_names_follow_timm() {
+    // timm's deit_tiny_patch16_224 and deit_small_patch16_224 (224 px, 1000 classes).
+    for (name, expected) in [("vit-tiny", 5_717_416), ("vit-small", 22_050_664)] {
+        let net = SplitNet::new(
+            &vit_spec(name, 1, HeadKind::Linear, (3, 224), 1000),
+            Device::Cpu,
+        )
+        .unwrap();
+        assert_eq!(net.parameter_count(), expected, "{name}");
+    }
+    let names = |k: usize| -> std::collections::BTreeSet<String> {
+        let net = SplitNet::new(
+            &vit_spec("vit-micro", k, HeadKind::Linear, (1, 28), 10),
+            Device::Cpu,
+        )
+        .unwrap();
+        net.vs
+            .variables()
+            .into_keys()
+            .filter(|n| !n.starts_with("aux."))
+            .collect()
+    };
+    let one = names(1);
+    for name in [
+        "patch_embed.proj.weight",
+        "patch_embed.cls_token",
+        "patch_embed.pos_embed",
+        "blocks.0.norm1.weight",
+        "blocks.0.attn.qkv.weight",
+        "blocks.5.attn.proj.bias",
+        "blocks.5.mlp.fc2.weight",
+        "norm.weight",
+        "fc.weight",
+    ] {
+        assert!(one.contains(name), "{name} missing: {one:?}");
+    }
+    // The backbone's names do not depend on K.
+    assert_eq!(names(3), one);
+    // 28 px -> patch 4 -> 49 patches + the class token.
+    let net = SplitNet::new(
+        &vit_spec("vit-micro", 1, HeadKind::Linear, (1, 28), 10),
+        Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(
+        net.vs.variables()["patch_embed.pos_embed"].size(),
+        vec![1, 50, 128]
+    );
+}
+
+#[test]
+fn vit_splits_are_whole_blocks_and_modules_partition_the_parameters() {
+    let arch: Arch = "vit-tiny".parse().unwrap();
+    for k in [1usize, 2, 3, 4, 6, 12] {
+        let net = SplitNet::new(
+            &vit_spec("vit-tiny", k, HeadKind::Linear, (3, 32), 10),
+            Device::Cpu,
+        )
+        .unwrap();
+        let ranges = net.module_ranges();
+        assert_eq!(ranges.len(), k);
+        // Unit 0 (patch embedding) rides with module 1; every module has 12 / K blocks.
+        for (i, r) in ranges.iter().enumerate() {
+            let blocks = r.len() - usize::from(i == 0);
+            assert_eq!(blocks, 12 / k, "K={k} module {i}: {r:?}");
+        }
+    }
+    // Other K up to the depth are even splits; past the depth, a configuration error.
+    assert!(sgr::model::splits::check_k(&arch, 5, SplitStrategy::Table).is_ok());
+    let e = sgr::model::splits::check_k(&arch, 13, SplitStrategy::Table)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--modules 13"), "{e}");
+    for (pool, head) in [
+        (TokenPool::Cls, HeadKind::Block),
+        (TokenPool::Mean, HeadKind::Mlp),
+    ] {
+        let mut spec = vit_spec("vit-2x16h2", 3, head, (1, 8), 3);
+        spec.split = SplitStrategy::Even;
+        spec.options.token_pool = pool;
+        let net = SplitNet::new(&spec, Device::Cpu).unwrap();
+        let mut seen = std::collections::BTreeSet::new();
+        for k in 0..3 {
+            for (name, _) in net.module_variables(k, true) {
+                assert!(seen.insert(name.clone()), "{name} is in two modules");
+            }
+        }
+        // The classifier's LayerNorm belongs to the last module.
+        assert!(
+            net.module_variables(2, true)
+                .iter()
+                .any(|(n, _)| n == "norm.weight")
+        );
+        assert_eq!(seen.len(), net.vs.variables().len());
+        assert_eq!(
+            net.vs.variables().contains_key("patch_embed.cls_token"),
+            pool == TokenPool::Cls
+        );
+        let x = Tensor::randn([4, 1, 8, 8], (tch::Kind::Float, Device::Cpu));
+        assert_eq!(net.forward(&x, true).size(), vec![4, 3]);
+        let h = net.forward_module(0, &x, true);
+        let tokens = 4 + i64::from(pool == TokenPool::Cls);
+        assert_eq!(h.size(), vec![4, tokens, 16]);
+        assert_eq!(net.head_logits(0, &h, true).size(), vec![4, 3]);
+    }
+    // Heads that cannot read tokens, and token heads on maps, are refused.
+    let conv_on_tokens = SplitNet::new(
+        &vit_spec("vit-micro", 2, HeadKind::Conv, (1, 28), 10),
+        Device::Cpu,
+    );
+    assert!(
+        conv_on_tokens
+            .unwrap_err()
+            .to_string()
+            .contains("--aux-head conv")
+    );
+    let block_on_maps = SplitNet::new(
+        &spec(
+            "resnet20".parse().unwrap(),
+            2,
+            1,
+            28,
+            HeadKind::Block,
+            SplitStrategy::Table,
+        ),
+        Device::Cpu,
+    );
+    assert!(
+        block_on_maps
+            .unwrap_err()
+            .to_string()
+            .contains("--aux-head block")
+    );
 }

@@ -80,7 +80,7 @@ fn learns_real_fashion_mnist_well_above_chance() {
 #[test]
 fn resume_continues_exactly_like_an_uninterrupted_run() {
     let ds = data::synthetic::generate(3, 192, 64, 1, 12, 3);
-    let mut cfg = TrainConfig {
+    let cfg = TrainConfig {
         data: DatasetKind::Synthetic,
         model: "resnet20".parse::<Arch>().unwrap(),
         rule: RuleKind::Sgr,
@@ -95,18 +95,54 @@ fn resume_continues_exactly_like_an_uninterrupted_run() {
         seed: 5,
         ..Default::default()
     };
+    assert_resume_is_exact(cfg, &ds);
+}
+
+#[test]
+fn resume_is_exact_for_a_vit_with_adamw_and_the_recipe() {
+    // AdamW's moments and step count, the per-module clipping, label smoothing and random
+    // erasing (drawn from the (seed, epoch, batch) stream) must all carry over.
+    let ds = data::synthetic::generate(4, 160, 48, 1, 8, 3);
+    let cfg = TrainConfig {
+        data: DatasetKind::Synthetic,
+        model: "vit-2x16h2".parse::<Arch>().unwrap(),
+        rule: RuleKind::Sgr,
+        modules: 2,
+        aux_head: sgr::model::HeadKind::Linear,
+        epochs: 3,
+        batch_size: 32,
+        lr: 1e-3,
+        optimizer: sgr::optim::OptimizerKind::Adamw,
+        weight_decay: 0.05,
+        schedule: ScheduleKind::Constant,
+        warmup_epochs: 1.0,
+        label_smoothing: 0.1,
+        clip_grad_norm: 0.5,
+        random_erasing: 0.5,
+        diag_every: 3,
+        threads: 1,
+        seed: 6,
+        ..Default::default()
+    };
+    assert_resume_is_exact(cfg, &ds);
+}
+
+/// Runs `cfg` for its epochs in one go and as one epoch plus a resume, and checks that
+/// weights, optimizer state and every epoch's metrics agree.
+fn assert_resume_is_exact(mut cfg: TrainConfig, ds: &Dataset) {
+    let epochs = cfg.epochs;
     let whole = tempfile::tempdir().unwrap();
-    let a = sgr::train::run_with_data(&cfg, &ds, whole.path(), false, true).unwrap();
-    // Interrupted after epoch 1, then resumed to epoch 3 (the schedule only depends on epoch).
+    let a = sgr::train::run_with_data(&cfg, ds, whole.path(), false, true).unwrap();
+    // Interrupted after epoch 1, then resumed to the end (the schedule only depends on epoch).
     let parts = tempfile::tempdir().unwrap();
     cfg.epochs = 1;
-    sgr::train::run_with_data(&cfg, &ds, parts.path(), false, true).unwrap();
-    cfg.epochs = 3;
-    let b = sgr::train::run_with_data(&cfg, &ds, parts.path(), true, true).unwrap();
+    sgr::train::run_with_data(&cfg, ds, parts.path(), false, true).unwrap();
+    cfg.epochs = epochs;
+    let b = sgr::train::run_with_data(&cfg, ds, parts.path(), true, true).unwrap();
     assert_eq!(a.test_accuracy, b.test_accuracy);
     let (va, ma, _) = sgr::checkpoint::load(&whole.path().join("checkpoint.safetensors")).unwrap();
     let (vb, mb, sb) = sgr::checkpoint::load(&parts.path().join("checkpoint.safetensors")).unwrap();
-    assert_eq!(sb.unwrap().epoch, 3);
+    assert_eq!(sb.unwrap().epoch, epochs);
     for (x, y) in [(&va, &vb), (&ma, &mb)] {
         assert_eq!(x.len(), y.len());
         for (name, t) in x {
@@ -118,7 +154,7 @@ fn resume_continues_exactly_like_an_uninterrupted_run() {
         sgr::metrics::read_lines(&whole.path().join("metrics.jsonl")).unwrap();
     let lb: Vec<sgr::metrics::EpochRecord> =
         sgr::metrics::read_lines(&parts.path().join("metrics.jsonl")).unwrap();
-    assert_eq!(lb.len(), 3);
+    assert_eq!(lb.len(), epochs);
     for (x, y) in la.iter().zip(&lb) {
         assert_eq!(
             (x.epoch, x.test_accuracy, x.train_loss),
@@ -282,6 +318,62 @@ fn bad_input_gives_one_clear_error_and_no_run_files() {
             o,
         ],
         "big",
+        &out,
+    );
+    // ViT and recipe settings (synthetic images are 16 px).
+    let vit = |extra: &[&str]| -> Vec<String> {
+        let mut args: Vec<String> = [
+            "train",
+            "--data",
+            "synthetic",
+            "--model",
+            "vit-micro",
+            "--out",
+            o,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    };
+    for (extra, needle) in [
+        (&["--patch-size", "5"][..], "--patch-size 5"),
+        (&["--modules", "7"][..], "--modules 7"),
+        (&["--modules", "2", "--aux-head", "conv"][..], "--aux-head"),
+        (
+            &["--optimizer", "adamw", "--adam-beta1", "1"][..],
+            "--adam-beta1",
+        ),
+        (
+            &["--optimizer", "adamw", "--adam-beta2=-0.1"][..],
+            "--adam-beta2",
+        ),
+        (&["--label-smoothing=-0.1"][..], "--label-smoothing"),
+        (&["--clip-grad-norm=-1"][..], "--clip-grad-norm"),
+        (&["--random-erasing", "1.5"][..], "--random-erasing"),
+        (&["--optimizer", "adam"][..], "adam"),
+    ] {
+        let args = vit(extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        assert_clean_failure(&args, needle, &out);
+        assert!(!out.exists(), "{extra:?} wrote a run folder");
+    }
+    assert_clean_failure(
+        &[
+            "train",
+            "--data",
+            "synthetic",
+            "--model",
+            "resnet20",
+            "--modules",
+            "2",
+            "--aux-head",
+            "block",
+            "--out",
+            o,
+        ],
+        "--aux-head",
         &out,
     );
     // A config file with an unknown key and one with a bad value.

@@ -7,7 +7,8 @@
 //! is not expected; measured errors are around 1e-6.
 use crate::common::*;
 use sgr::data::Batch;
-use sgr::optim::{OptimConfig, Optimizer};
+use sgr::model::{HeadKind, SplitNet, TokenPool};
+use sgr::optim::{OptimConfig, Optimizer, OptimizerKind};
 use sgr::rules::{self, RuleKind, SgrConfig};
 use std::path::Path;
 use std::process::Command;
@@ -25,8 +26,48 @@ fn agree(rule: RuleKind) {
     let (k, c, s) = (4, 1, 12);
     let net = tiny_net(k, c, s, false, 21);
     let batch: Batch = tiny_batch(8, c, s, false, 22);
+    let extra = serde_json::json!({"model": "resnet20", "aux_head": "conv", "in_channels": c});
+    compare(rule, &net, &batch, OptimConfig::default(), 1, extra);
+}
+
+/// A ViT with token heads, AdamW over 3 steps and label smoothing: attention, LayerNorm, GELU,
+/// the class token, the optimizer's moments and bias correction, and the no-decay list.
+fn agree_vit(rule: RuleKind) {
+    if skip_without_torch(&format!("{rule}_on_a_vit_with_adamw_agrees_with_pytorch")) {
+        return;
+    }
+    let net = tiny_vit(3, HeadKind::Block, 3, 1, TokenPool::Cls, false, 23);
+    let mut net = net;
+    net.spec.label_smoothing = 0.1;
+    let batch: Batch = tiny_batch(8, 1, 8, false, 24);
+    let adamw = OptimConfig {
+        kind: OptimizerKind::Adamw,
+        weight_decay: 0.05,
+        betas: (0.9, 0.95),
+        eps: 1e-8,
+        ..OptimConfig::default()
+    };
+    let extra = serde_json::json!({
+        "model": "vit-3x8h2", "aux_head": "block", "in_channels": 1, "size": 8, "patch_size": 4,
+        "token_pool": "cls", "optimizer": "adamw", "adam_betas": [0.9, 0.95], "adam_eps": 1e-8,
+        "label_smoothing": 0.1, "lr": 1e-2,
+    });
+    compare(rule, &net, &batch, adamw, 3, extra);
+}
+
+/// Runs `steps` training steps of `rule` with `optim` on `batch` (the same batch each step) on
+/// our side and in the PyTorch reference (`extra` names the model and overrides defaults), and
+/// compares the last step's gradients, the updated variables and the losses.
+fn compare(
+    rule: RuleKind,
+    net: &SplitNet,
+    batch: &Batch,
+    optim: OptimConfig,
+    steps: usize,
+    extra: serde_json::Value,
+) {
     let dir = tempfile::tempdir().unwrap();
-    let mut weights: Vec<(String, tch::Tensor)> = values(&net).into_iter().collect();
+    let mut weights: Vec<(String, tch::Tensor)> = values(net).into_iter().collect();
     weights.sort_by(|a, b| a.0.cmp(&b.0));
     sgr::checkpoint::save_tensors(&dir.path().join("w.safetensors"), &weights).unwrap();
     sgr::checkpoint::save_tensors(
@@ -37,7 +78,6 @@ fn agree(rule: RuleKind) {
         ],
     )
     .unwrap();
-    let sgd = OptimConfig::default();
     let sgr_cfg = SgrConfig {
         lambda: 2.0,
         ..Default::default()
@@ -47,12 +87,16 @@ fn agree(rule: RuleKind) {
         .iter()
         .map(|r| [r.start, r.end])
         .collect();
-    let config = serde_json::json!({
-        "model": "resnet20", "module_ranges": ranges, "aux_head": "conv", "rule": rule.name(),
-        "lr": 0.1, "momentum": sgd.momentum, "weight_decay": sgd.weight_decay, "nesterov": sgd.nesterov,
-        "decay_bn_and_bias": sgd.decay_bn_and_bias, "lambda": sgr_cfg.lambda, "sgr_distance": "l2",
-        "sgr_from": sgr_cfg.from, "in_channels": c, "classes": 3, "dtype": "f32"
+    let mut config = serde_json::json!({
+        "module_ranges": ranges, "rule": rule.name(),
+        "lr": 0.1, "momentum": optim.momentum, "weight_decay": optim.weight_decay, "nesterov": optim.nesterov,
+        "decay_bn_and_bias": optim.decay_bn_and_bias, "lambda": sgr_cfg.lambda, "sgr_distance": "l2",
+        "sgr_from": sgr_cfg.from, "classes": 3, "dtype": "f32", "steps": steps
     });
+    for (key, value) in extra.as_object().unwrap() {
+        config[key] = value.clone();
+    }
+    let lr = config["lr"].as_f64().unwrap();
     std::fs::write(dir.path().join("c.json"), config.to_string()).unwrap();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/reference/sgr_ref.py");
     let out = Command::new(venv_python())
@@ -74,14 +118,19 @@ fn agree(rule: RuleKind) {
     );
     let (reference, _, _) = sgr::checkpoint::load(&dir.path().join("o.safetensors")).unwrap();
 
-    let mut opt = Optimizer::new(&net.vs, sgd, &[]);
-    zero_grads(&net);
-    let stats = rules::build(rule, &sgr_cfg)
-        .step(&net, &batch, &rules::StepContext::default())
-        .unwrap();
-    let ours_grads = grads(&net);
-    opt.step(0.1);
-    let ours_values = values(&net);
+    let mut opt = Optimizer::new(&net.vs, optim, &net.no_weight_decay());
+    let rule_impl = rules::build(rule, &sgr_cfg);
+    let mut last = None;
+    for step in 0..steps {
+        zero_grads(net);
+        let stats = rule_impl
+            .step(net, batch, &rules::StepContext::at_step(step))
+            .unwrap();
+        last = Some((stats, grads(net)));
+        opt.step(lr);
+    }
+    let (stats, ours_grads) = last.unwrap();
+    let ours_values = values(net);
 
     let mut worst = (0.0, String::new());
     for (name, g) in &ours_grads {
@@ -110,6 +159,21 @@ fn agree(rule: RuleKind) {
         worst.1,
         worst.0
     );
+}
+
+#[test]
+fn bp_on_a_vit_with_adamw_agrees_with_pytorch() {
+    agree_vit(RuleKind::Bp);
+}
+
+#[test]
+fn dgl_on_a_vit_with_adamw_agrees_with_pytorch() {
+    agree_vit(RuleKind::Dgl);
+}
+
+#[test]
+fn sgr_on_a_vit_with_adamw_agrees_with_pytorch() {
+    agree_vit(RuleKind::Sgr);
 }
 
 #[test]

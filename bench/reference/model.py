@@ -240,3 +240,145 @@ class SplitNet(nn.Module):
                 if tuple(dst.shape) != tuple(src.shape):
                     raise ValueError(f"{name}: shape {tuple(src.shape)} != model {tuple(dst.shape)}")
                 dst.copy_(src.to(dst.dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# Vision Transformers (pre-norm, timm names), cut at block boundaries: unit 0 is the patch
+# embedding, units 1..depth the blocks. Written out like the Rust side (matmul-softmax-matmul
+# attention, exact GELU, LayerNorm eps 1e-6).
+
+VIT_SIZES = {"micro": (6, 128, 4), "tiny": (12, 192, 3), "small": (12, 384, 6)}
+LN_EPS = 1e-6
+
+
+def vit_dims(model):
+    """(depth, dim, heads) of vit-micro/tiny/small or vit-DxWhH."""
+    name = model[len("vit-"):]
+    if name in VIT_SIZES:
+        return VIT_SIZES[name]
+    d, rest = name.split("x")
+    w, h = rest.split("h")
+    return int(d), int(w), int(h)
+
+
+def default_patch(size):
+    for p in (4, 8, 16):
+        if size % p == 0 and (size // p) ** 2 <= 196:
+            return p
+    raise ValueError(f"no default patch size for {size} px")
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        probs = ((q * (d // self.heads) ** -0.5) @ k.transpose(-2, -1)).softmax(-1)
+        return self.proj((probs @ v).transpose(1, 2).reshape(b, t, d))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, 4 * dim)
+        self.fc2 = nn.Linear(4 * dim, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.mlp = Mlp(dim)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, c, dim, patch, tokens, cls):
+        super().__init__()
+        self.proj = nn.Conv2d(c, dim, patch, stride=patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if cls else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, tokens, dim))
+
+    def forward(self, x):
+        h = self.proj(x).flatten(2).transpose(1, 2)
+        if self.cls_token is not None:
+            h = torch.cat([self.cls_token.expand(h.shape[0], -1, -1), h], 1)
+        return h + self.pos_embed
+
+
+def token_pool(h, cls):
+    return h[:, 0] if cls else h.mean(1)
+
+
+class TokenHead(nn.Module):
+    """Token heads: `linear` (pool-LN-fc), `mlp` (pool-LN-fc1-relu-fc2), `block` (block, then
+    pool-LN-fc); the block head has max(1, dim // 64) heads."""
+
+    def __init__(self, kind, dim, classes, cls):
+        super().__init__()
+        self.kind, self.cls = kind, cls
+        if kind == "block":
+            heads = max(1, dim // 64)
+            self.block = Block(dim, heads if dim % heads == 0 else 1)
+        self.norm = nn.LayerNorm(dim, eps=LN_EPS)
+        if kind == "mlp":
+            self.fc1 = nn.Linear(dim, MLP_HIDDEN)
+            self.fc2 = nn.Linear(MLP_HIDDEN, classes)
+        elif kind in ("linear", "block"):
+            self.fc = nn.Linear(dim, classes)
+        else:
+            raise ValueError(f"unknown token head kind {kind!r} (linear|mlp|block)")
+
+    def forward(self, h):
+        if self.kind == "block":
+            h = self.block(h)
+        z = self.norm(token_pool(h, self.cls))
+        if self.kind == "mlp":
+            return self.fc2(F.relu(self.fc1(z)))
+        return self.fc(z)
+
+
+class VitSplitNet(nn.Module):
+    def __init__(self, model, in_channels, classes, ranges, head="linear", size=32, patch=None,
+                 pool="cls"):
+        super().__init__()
+        depth, dim, heads = vit_dims(model)
+        self.ranges = validate_ranges(ranges, depth + 1)
+        patch = patch or default_patch(size)
+        self.cls = pool == "cls"
+        tokens = (size // patch) ** 2 + int(self.cls)
+        self.patch_embed = PatchEmbed(in_channels, dim, patch, tokens, self.cls)
+        self.blocks = nn.ModuleList([Block(dim, heads) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim, eps=LN_EPS)
+        self.fc = nn.Linear(dim, classes)
+        self.aux = nn.ModuleDict()
+        for a, b in self.ranges[:-1]:
+            self.aux[str(b - 1)] = TokenHead(head, dim, classes, self.cls)
+        self._units = [self.patch_embed] + list(self.blocks)
+
+    # timm's no_weight_decay(): besides rank-1 tensors.
+    no_weight_decay = ("patch_embed.cls_token", "patch_embed.pos_embed")
+
+    K = SplitNet.K
+    forward_module = SplitNet.forward_module
+    forward = SplitNet.forward
+    exported_state = SplitNet.exported_state
+    load_exported = SplitNet.load_exported
+
+    def head_logits(self, k, h):
+        if k == self.K - 1:
+            return self.fc(self.norm(token_pool(h, self.cls)))
+        return self.aux[str(self.ranges[k][1] - 1)](h)

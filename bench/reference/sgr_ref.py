@@ -20,7 +20,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import st  # noqa: E402
-from model import SplitNet, table_ranges  # noqa: E402
+from model import SplitNet, VitSplitNet, even_ranges, table_ranges, vit_dims  # noqa: E402
 
 DEFAULTS = {
     "model": "resnet20",
@@ -41,6 +41,14 @@ DEFAULTS = {
     "in_channels": 3,
     "classes": 10,
     "dtype": "f32",
+    "optimizer": "sgd",
+    "adam_betas": [0.9, 0.999],
+    "adam_eps": 1e-8,
+    "label_smoothing": 0.0,
+    "steps": 1,
+    "size": 32,
+    "patch_size": None,
+    "token_pool": "cls",
 }
 
 
@@ -59,10 +67,22 @@ def torch_dtype(name):
 
 
 def build(cfg):
-    ranges = cfg["module_ranges"] or table_ranges(cfg["model"], int(cfg["modules"] or 1))
+    vit = cfg["model"].startswith("vit-")
+    k = int(cfg["modules"] or 1)
+    if cfg["module_ranges"]:
+        ranges = cfg["module_ranges"]
+    elif vit:
+        ranges = even_ranges(vit_dims(cfg["model"])[0] + 1, k)
+    else:
+        ranges = table_ranges(cfg["model"], k)
     if cfg["module_ranges"] and cfg["modules"] is not None and len(ranges) != int(cfg["modules"]):
         raise ValueError(f"module_ranges has {len(ranges)} entries but modules={cfg['modules']}")
-    net = SplitNet(cfg["model"], int(cfg["in_channels"]), int(cfg["classes"]), ranges, cfg["aux_head"])
+    if vit:
+        net = VitSplitNet(cfg["model"], int(cfg["in_channels"]), int(cfg["classes"]), ranges,
+                          cfg["aux_head"], int(cfg["size"]), cfg["patch_size"], cfg["token_pool"])
+    else:
+        net = SplitNet(cfg["model"], int(cfg["in_channels"]), int(cfg["classes"]), ranges,
+                       cfg["aux_head"])
     return net.to(torch_dtype(cfg["dtype"])).train()
 
 
@@ -74,13 +94,28 @@ def build(cfg):
 
 def make_optimizer(net, cfg):
     decay_all = bool(cfg["decay_bn_and_bias"])
-    params = [p for _, p in sorted(net.named_parameters())]
-    decayed = [p for p in params if decay_all or p.ndim >= 2]
-    others = [p for p in params if not (decay_all or p.ndim >= 2)]
+    skip = getattr(net, "no_weight_decay", ())
+    named = sorted(net.named_parameters())
+    decays = [decay_all or (p.ndim >= 2 and n not in skip) for n, p in named]
+    decayed = [p for (_, p), d in zip(named, decays) if d]
+    others = [p for (_, p), d in zip(named, decays) if not d]
     groups = [{"params": decayed, "weight_decay": float(cfg["weight_decay"])},
               {"params": others, "weight_decay": 0.0}]
-    return torch.optim.SGD([g for g in groups if g["params"]], lr=float(cfg["lr"]),
-                           momentum=float(cfg["momentum"]), nesterov=bool(cfg["nesterov"]))
+    groups = [g for g in groups if g["params"]]
+    if cfg["optimizer"] == "adamw":
+        return torch.optim.AdamW(groups, lr=float(cfg["lr"]), betas=tuple(cfg["adam_betas"]),
+                                 eps=float(cfg["adam_eps"]))
+    return torch.optim.SGD(groups, lr=float(cfg["lr"]), momentum=float(cfg["momentum"]),
+                           nesterov=bool(cfg["nesterov"]))
+
+
+def local_loss(logits, y):
+    # Set once per process from the config (the rules below take the loss as PyTorch users
+    # write it: F.cross_entropy with label_smoothing).
+    return F.cross_entropy(logits, y, label_smoothing=LABEL_SMOOTHING)
+
+
+LABEL_SMOOTHING = 0.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,9 +130,9 @@ def rule_bp(net, x, y):
     for k in range(K):
         h = net.forward_module(k, h)
         if k < K - 1:  # probe: no gradient into the backbone
-            losses[k] = F.cross_entropy(net.head_logits(k, h.detach()), y)
+            losses[k] = local_loss(net.head_logits(k, h.detach()), y)
             total = total + losses[k]
-    losses[K - 1] = F.cross_entropy(net.head_logits(K - 1, h), y)
+    losses[K - 1] = local_loss(net.head_logits(K - 1, h), y)
     (total + losses[K - 1]).backward()
     return losses, {}
 
@@ -122,7 +157,7 @@ def rule_local(net, x, y, sgr=None):
         if penalise:
             h_in.requires_grad_(True)
         h_out = net.forward_module(k, h_in)
-        loss = F.cross_entropy(net.head_logits(k, h_out), y)
+        loss = local_loss(net.head_logits(k, h_out), y)
         losses[k] = loss
         g_next = None
         if forward_grad:  # gradient of the PLAIN local loss w.r.t. this module's output
@@ -180,8 +215,14 @@ def cmd_step(args):
     batch, _ = st.load(args.batch)
     x = batch["images"].to(dtype)
     y = batch["labels"].to(torch.int64)
+    global LABEL_SMOOTHING
+    LABEL_SMOOTHING = float(cfg["label_smoothing"])
     opt = make_optimizer(net, cfg)
-    losses, penalties, grads = train_step(net, opt, x, y, cfg, keep_grads=True)
+    # `steps` updates on the same batch (the optimizer state must agree, not only one step);
+    # the gradients written are the last step's.
+    for step in range(int(cfg["steps"])):
+        losses, penalties, grads = train_step(net, opt, x, y, dict(cfg, step=int(cfg["step"]) + step),
+                                                keep_grads=True)
     out = {}
     for n, g in grads.items():
         out[f"grad.{n}"] = g

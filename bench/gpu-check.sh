@@ -34,6 +34,15 @@ timeout 60 $S train --data fashion-mnist --data-dir gpu/data --model resnet20 --
   --sgr-grad jvp --out "$RUNS/same-jvp-cuda" --quiet
 echo "rc=$?"; tail -n 1 "$RUNS/same-jvp-cuda/metrics.jsonl"
 
+log "1c. vit-tiny on CUDA: 20 AdamW steps of sgr K=3 (exact double backward through attention), then step time and GPU memory, batch 128 at 32x32"
+timeout 90 $S train --data fashion-mnist --data-dir gpu/data --model vit-tiny --optimizer adamw --lr 5e-4 \
+  --weight-decay 0.05 --aux-head linear --rule sgr --modules 3 --epochs 1 --train-subset 2560 \
+  --test-subset 1000 --max-steps-per-epoch 20 --device cuda --out "$RUNS/vit-tiny-cuda" --quiet
+echo "rc=$?"; tail -n 1 "$RUNS/vit-tiny-cuda/metrics.jsonl"
+timeout 120 $S bench step --device cuda --model vit-tiny --aux-head linear --batch-size 128 --modules 2,4,12 \
+  --rule dgl,sgr --steps 10 --warmup 3 --json > "$OUT/step-vit-tiny-cuda.json"
+echo "rc=$?"; cat "$OUT/step-vit-tiny-cuda.json"
+
 log "2. step time and GPU memory per rule and K"
 timeout 120 $S bench step --device cuda --model resnet32 --batch-size 128 --modules 4,8,16 \
   --rule dgl,sgr --steps 20 --warmup 5 --repeats 2 --json > "$OUT/step-cuda.json"

@@ -78,6 +78,7 @@ const NOT_BENCHMARKED: &[&str] = &[
     "holdout",
     "lambda_schedule",
     "lambda_schedule_epochs",
+    "random_erasing",
 ];
 
 /// Training options the PyTorch reference of `sgr bench compare` does not take: they must be
@@ -92,6 +93,14 @@ const NOT_MIRRORED_BY_REFERENCE: &[&str] = &[
     "sgr_grad",
     "fd_eps",
     "sgr_side",
+    "optimizer",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_eps",
+    "label_smoothing",
+    "clip_grad_norm",
+    "patch_size",
+    "token_pool",
 ];
 
 /// The arguments of `sgr bench memory|step|compare`: every `sgr train` option, with `--rule`

@@ -261,6 +261,19 @@ def vit_dims(model):
     return int(d), int(w), int(h)
 
 
+def vit_ranges(depth, k):
+    """The Rust split table: K dividing the depth gets depth/K blocks per module (the patch
+    embedding rides with the first); other K are even by unit count."""
+    if depth % k:
+        return even_ranges(depth + 1, k)
+    ends = [1 + i * depth // k for i in range(1, k)] + [depth + 1]
+    ranges, start = [], 0
+    for e in ends:
+        ranges.append((start, e))
+        start = e
+    return ranges
+
+
 def default_patch(size):
     for p in (4, 8, 16):
         if size % p == 0 and (size // p) ** 2 <= 196:

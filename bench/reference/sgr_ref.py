@@ -20,7 +20,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import st  # noqa: E402
-from model import SplitNet, VitSplitNet, even_ranges, table_ranges, vit_dims  # noqa: E402
+from model import SplitNet, VitSplitNet, table_ranges, vit_dims, vit_ranges  # noqa: E402
 
 DEFAULTS = {
     "model": "resnet20",
@@ -72,7 +72,7 @@ def build(cfg):
     if cfg["module_ranges"]:
         ranges = cfg["module_ranges"]
     elif vit:
-        ranges = even_ranges(vit_dims(cfg["model"])[0] + 1, k)
+        ranges = vit_ranges(vit_dims(cfg["model"])[0], k)
     else:
         ranges = table_ranges(cfg["model"], k)
     if cfg["module_ranges"] and cfg["modules"] is not None and len(ranges) != int(cfg["modules"]):
@@ -303,7 +303,7 @@ def cmd_bench(args):
         "model": args.model, "modules": args.modules, "aux_head": args.aux_head, "rule": args.rule,
         "in_channels": args.in_channels, "classes": args.classes, "dtype": args.dtype,
         "lambda": args.lam, "sgr_distance": args.sgr_distance, "sgr_from": args.sgr_from,
-        "sgr_every": args.sgr_every,
+        "sgr_every": args.sgr_every, "size": args.size,
     })
     net = build(cfg).to(device)
     opt = make_optimizer(net, cfg)
@@ -376,7 +376,7 @@ def main(argv=None):
     b.add_argument("--batch-size", type=int, default=128)
     b.add_argument("--modules", type=int, default=1)
     b.add_argument("--rule", default="bp", choices=["bp", "dgl", "sgr"])
-    b.add_argument("--aux-head", default="conv", choices=["conv", "linear", "mlp"])
+    b.add_argument("--aux-head", default="conv", choices=["conv", "linear", "mlp", "block"])
     b.add_argument("--steps", type=int, default=10)
     b.add_argument("--warmup", type=int, default=2)
     b.add_argument("--threads", type=int, default=2)

@@ -132,7 +132,7 @@ config_fields! {
     modules: usize = 1;
     /// How units are divided among modules [default: table]
     split: SplitStrategy = SplitStrategy::Table;
-    /// Auxiliary head of modules 1..K-1 [default: conv]
+    /// Auxiliary head of modules 1..K-1 [default: conv on feature maps (ResNets), linear on vectors and tokens (MLPs, ViTs)]
     aux_head: HeadKind = HeadKind::Conv;
     /// Epochs [default: 10]
     epochs: usize = 10;
@@ -334,8 +334,14 @@ impl TrainConfig {
             overlay(&mut merged, to_value(&file.folded()));
         }
         overlay(&mut merged, to_value(&flags));
-        let cfg: TrainConfig = serde_json::from_value(merged)
+        let mut cfg: TrainConfig = serde_json::from_value(merged)
             .map_err(|e| Error::Config(format!("bad configuration: {e}")))?;
+        // The default head reads feature maps; a new run on a network without them gets the
+        // linear head unless one was asked for (config.json then records `linear`).
+        let head_given = flags.aux_head.is_some() || file.is_some_and(|f| f.aux_head.is_some());
+        if saved.is_none() && !head_given && !cfg.model.network().outputs_maps() {
+            cfg.aux_head = HeadKind::Linear;
+        }
         cfg.validate()?;
         Ok(cfg)
     }
@@ -589,6 +595,31 @@ mod tests {
         let e = parse_options("model = \"resnet33\"\n").unwrap_err();
         assert!(e.contains("resnet33"), "{e}");
         assert!(!e.contains('\n'));
+    }
+
+    #[test]
+    fn the_default_head_follows_the_features_and_an_asked_one_is_kept() {
+        let resolve = |model: &str, head: Option<HeadKind>| {
+            let flags = TrainOptions {
+                model: Some(model.parse().unwrap()),
+                modules: Some(2),
+                aux_head: head,
+                ..Default::default()
+            };
+            TrainConfig::resolve(&flags, None, None).map(|c| c.aux_head)
+        };
+        assert_eq!(resolve("resnet20", None).unwrap(), HeadKind::Conv);
+        assert_eq!(resolve("vit-micro", None).unwrap(), HeadKind::Linear);
+        assert_eq!(resolve("mlp-4x8", None).unwrap(), HeadKind::Linear);
+        assert_eq!(
+            resolve("vit-micro", Some(HeadKind::Block)).unwrap(),
+            HeadKind::Block
+        );
+        // Asking for conv on tokens is still refused, not silently replaced.
+        let e = resolve("vit-micro", Some(HeadKind::Conv))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--aux-head") && e.contains("tokens"), "{e}");
     }
 
     #[test]

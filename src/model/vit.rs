@@ -179,9 +179,10 @@ impl ForwardDual for PatchEmbed {
         let (mut h, mut h_dot) = (Self::tokens(&maps), Self::tokens(&maps_dot));
         if let Some(cls) = &self.cls_token {
             // The class token and the position embedding do not depend on the input.
-            let b = h.size()[0];
+            let (b, _, d) = h.size3().expect("tokens [B, N, D]");
             h = Tensor::cat(&[cls.expand([b, -1, -1], false), h], 1);
-            h_dot = Tensor::cat(&[h_dot.zeros_like().narrow(1, 0, 1), h_dot], 1);
+            let still = Tensor::zeros([b, 1, d], (h_dot.kind(), h_dot.device()));
+            h_dot = Tensor::cat(&[still, h_dot], 1);
         }
         (h + &self.pos_embed, h_dot)
     }

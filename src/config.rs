@@ -195,6 +195,13 @@ config_fields! {
     on_nan: OnNan = OnNan::Stop;
     /// Compute device [default: cpu]
     device: DeviceKind = DeviceKind::Cpu;
+    /// Side length of the square images of a streamed set (--data imagefolder) [default: 224]
+    image_size: i64 = crate::data::DEFAULT_IMAGE_SIZE;
+    /// Decode threads for a streamed set; the batches do not depend on it [default: 1]
+    loader_workers: usize = 1;
+    /// Log and skip unreadable images of a streamed set instead of stopping (a switch) [default: false]
+    [arg(num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    skip_bad_images: bool = false;
 }
 
 /// Fields that may differ from the saved config when a run is resumed (`epochs` only where
@@ -206,6 +213,8 @@ const RESUMABLE_OVERRIDES: &[&str] = &[
     "diag_every",
     "on_nan",
     "device",
+    "loader_workers",
+    "skip_bad_images",
 ];
 
 fn overlay(base: &mut serde_json::Value, top: serde_json::Value) {
@@ -348,6 +357,12 @@ impl TrainConfig {
         }
         if self.modules == 0 {
             return fail("modules", "must be at least 1");
+        }
+        if self.image_size < 8 {
+            return fail("image-size", "must be at least 8");
+        }
+        if self.loader_workers == 0 {
+            return fail("loader-workers", "must be at least 1");
         }
         if self.sgr_every == 0 {
             return fail("sgr-every", "must be at least 1");

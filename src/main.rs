@@ -100,6 +100,20 @@ enum DataCommand {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Streamed sets: decode every image (after the evaluation transform at --image-size)
+        /// for per-channel mean/std, and store the training split's in <data-dir>/sgr-stats.json,
+        /// which training then normalises with instead of ImageNet's statistics.
+        #[arg(long)]
+        compute_stats: bool,
+        /// Streamed sets: image size for --compute-stats.
+        #[arg(long, default_value_t = data::DEFAULT_IMAGE_SIZE)]
+        image_size: i64,
+        /// Streamed sets: decode threads for --compute-stats.
+        #[arg(long, default_value_t = 1)]
+        loader_workers: usize,
+        /// Streamed sets: skip unreadable images (counted) instead of stopping.
+        #[arg(long)]
+        skip_bad_images: bool,
     },
 }
 
@@ -254,7 +268,7 @@ fn eval(path: &Path, args: EvalArgs) -> Result<()> {
     let ds = sgr::train::load_data(&cfg)?;
     let net = sgr::train::build_net(&cfg, &ds)?;
     sgr::checkpoint::load_into(&net, path, &vars, false)?;
-    let e = sgr::train::evaluate(&net, &ds, &ds.test, batch_size);
+    let e = sgr::train::evaluate(&net, &ds, &ds.test, batch_size)?;
     let acc = e.module_accuracy.last().copied().unwrap_or(0.0);
     let split = if cfg.holdout > 0 { "holdout" } else { "test" };
     if json {
@@ -377,10 +391,28 @@ fn run(cli: Cli) -> Result<()> {
                     data,
                     data_dir,
                     json,
+                    compute_stats,
+                    image_size,
+                    loader_workers,
+                    skip_bad_images,
                 },
         } => {
-            let ds = data::load(data, &data_dir)?;
-            let info = data::info(&ds);
+            let opts = data::LoadOptions {
+                image_size,
+                workers: loader_workers,
+                skip_bad: skip_bad_images,
+            };
+            let ds = data::load_with(data, &data_dir, &opts)?;
+            let info = data::info_with(&ds, compute_stats)?;
+            if compute_stats && data.streams() {
+                let stats = data::folder::FolderStats {
+                    mean: info.train.mean.clone(),
+                    std: info.train.std.clone(),
+                    image_size,
+                };
+                let path = data::folder::write_stats(&data_dir, &stats)?;
+                eprintln!("wrote {}", path.display());
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&info)?);
             } else {

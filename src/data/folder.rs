@@ -302,6 +302,11 @@ pub fn decode_bytes(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
         // would silently train on half an image.
         return Err("truncated JPEG (no end-of-image marker after the last scan)".into());
     }
+    if format == image::ImageFormat::Png && !png_is_complete(bytes) {
+        // The PNG decoder accepts a file cut inside or before its end chunk once the pixel
+        // data are in; a file without its end is still a truncated file.
+        return Err("truncated PNG (no IEND chunk)".into());
+    }
     let img = image::load_from_memory_with_format(bytes, format)
         .map_err(|e| format!("cannot decode image: {e}"))?;
     if img.width() == 0 || img.height() == 0 {
@@ -319,6 +324,12 @@ fn jpeg_is_complete(bytes: &[u8]) -> bool {
         Some(p) => bytes[p..].windows(2).any(|w| w == [0xFF, 0xD9]),
         None => false,
     }
+}
+
+/// Whether a PNG stream holds its complete `IEND` chunk (zero length, type, fixed CRC).
+fn png_is_complete(bytes: &[u8]) -> bool {
+    const IEND: [u8; 12] = [0, 0, 0, 0, b'I', b'E', b'N', b'D', 0xAE, 0x42, 0x60, 0x82];
+    bytes.windows(IEND.len()).any(|w| w == IEND)
 }
 
 /// A uniform draw in `[0, 1)` from the raw ChaCha output (53 bits), independent of `rand`'s

@@ -9,6 +9,7 @@ mod reliability;
 mod report_study;
 mod rules;
 mod study;
+mod svhn_stl;
 mod sweep_grid;
 mod sweep_report;
 mod train;

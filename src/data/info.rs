@@ -87,6 +87,13 @@ impl Histogram {
     }
 }
 
+/// Exact per-channel mean and population standard deviation of an in-memory split's pixels in
+/// [0, 1].
+pub(crate) fn split_moments(split: &Split) -> (Vec<f64>, Vec<f64>) {
+    let info = memory_info(split, 0);
+    (info.mean, info.std)
+}
+
 /// Samples per class of `labels`.
 fn per_class(labels: &[i64], classes: i64) -> Vec<usize> {
     let mut counts = vec![0usize; classes.max(0) as usize];

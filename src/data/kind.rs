@@ -44,6 +44,12 @@ pub const SYNTHETIC_CHANNELS: i64 = 3;
 pub const SYNTHETIC_SIZE: i64 = 16;
 /// Classes of the default synthetic set.
 pub const SYNTHETIC_CLASSES: i64 = 10;
+/// Placeholder mean of SVHN and STL-10 in [`DatasetKind::meta`]: their published files could
+/// not be read here to fix constants, so [`super::load`] replaces it with the exact statistics
+/// of the training split it reads (computed once, before any subset or hold-out).
+pub const STATS_AT_LOAD_MEAN: f64 = 0.5;
+/// Placeholder standard deviation (same note).
+pub const STATS_AT_LOAD_STD: f64 = 0.25;
 /// ImageNet per-channel (RGB) mean, torchvision's published constant: the default
 /// normalisation of `--data imagefolder` (a folder's own statistics can replace it, see
 /// `sgr data info --compute-stats`).
@@ -74,6 +80,12 @@ pub enum DatasetKind {
     Cifar100,
     /// The built-in seeded synthetic set; needs no files.
     Synthetic,
+    /// SVHN cropped digits (`train_32x32.mat`, `test_32x32.mat`), 3x32x32, 10 classes.
+    Svhn,
+    /// STL-10 labelled images (`stl10_binary/`), 3x96x96, 10 classes.
+    #[serde(rename = "stl10")]
+    #[value(name = "stl10")]
+    Stl10,
     /// Class folders of JPEG/PNG images (torchvision's `ImageFolder` layout), streamed from
     /// disk; classes and their order come from a scan of `<data-dir>/train`.
     #[serde(rename = "imagefolder")]
@@ -83,12 +95,14 @@ pub enum DatasetKind {
 
 impl DatasetKind {
     /// Every kind, in a fixed order (for help texts and exhaustive tests).
-    pub const ALL: [DatasetKind; 6] = [
+    pub const ALL: [DatasetKind; 8] = [
         DatasetKind::Mnist,
         DatasetKind::FashionMnist,
         DatasetKind::Cifar10,
         DatasetKind::Cifar100,
         DatasetKind::Synthetic,
+        DatasetKind::Svhn,
+        DatasetKind::Stl10,
         DatasetKind::ImageFolder,
     ];
 
@@ -100,6 +114,8 @@ impl DatasetKind {
             DatasetKind::Cifar10 => "cifar10",
             DatasetKind::Cifar100 => "cifar100",
             DatasetKind::Synthetic => "synthetic",
+            DatasetKind::Svhn => "svhn",
+            DatasetKind::Stl10 => "stl10",
             DatasetKind::ImageFolder => "imagefolder",
         }
     }
@@ -156,6 +172,23 @@ impl DatasetKind {
                 vec![SYNTHETIC_MEAN; SYNTHETIC_CHANNELS as usize],
                 vec![SYNTHETIC_STD; SYNTHETIC_CHANNELS as usize],
                 AugmentKind::None,
+            ),
+            // Digits are not mirrored.
+            DatasetKind::Svhn => (
+                3,
+                32,
+                10,
+                vec![STATS_AT_LOAD_MEAN; 3],
+                vec![STATS_AT_LOAD_STD; 3],
+                AugmentKind::Crop,
+            ),
+            DatasetKind::Stl10 => (
+                3,
+                96,
+                10,
+                vec![STATS_AT_LOAD_MEAN; 3],
+                vec![STATS_AT_LOAD_STD; 3],
+                AugmentKind::CropFlip,
             ),
             DatasetKind::ImageFolder => (
                 3,

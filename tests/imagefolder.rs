@@ -402,10 +402,11 @@ fn data_info_counts_classes_and_compute_stats_feeds_training() {
     assert_eq!(ds.meta.std, stats.std);
 }
 
+/// The acceptance command: an ImageNet ResNet-18 in two DGL modules on the folder.
 #[test]
-fn trains_on_an_image_folder() {
+fn trains_resnet18_on_an_image_folder() {
     let dir = tempfile::tempdir().unwrap();
-    write_fixture(dir.path(), 8, 3, 40);
+    write_fixture(dir.path(), 8, 3, 72);
     let out_dir = tempfile::tempdir().unwrap();
     let run = out_dir.path().join("run");
     let out = sgr_cmd(&[
@@ -415,13 +416,13 @@ fn trains_on_an_image_folder() {
         "--data-dir",
         dir.path().to_str().unwrap(),
         "--model",
-        "resnet20",
+        "resnet18",
         "--rule",
         "dgl",
         "--modules",
         "2",
         "--image-size",
-        "32",
+        "64",
         "--epochs",
         "1",
         "--batch-size",
@@ -441,7 +442,9 @@ fn trains_on_an_image_folder() {
         serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
     assert_eq!(summary["dataset"], "imagefolder");
     assert_eq!(summary["skipped_images"], 0);
-    assert_eq!(summary["config"]["image_size"], 32);
+    assert_eq!(summary["config"]["image_size"], 64);
+    assert_eq!(summary["model"], "resnet18");
+    assert_eq!(summary["modules"], 2);
     let acc = summary["test_accuracy"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&acc));
 }

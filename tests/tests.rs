@@ -3,6 +3,7 @@ mod bench;
 mod common;
 mod data;
 mod imagefolder;
+mod imagenet_resnet;
 mod model;
 mod reference;
 mod reliability;

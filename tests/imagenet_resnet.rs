@@ -42,7 +42,7 @@ fn checkpoints_load_into_torchvision_strictly_and_agree() {
             Tensor::randn([4, 3, 64, 64], (Kind::Float, Device::Cpu))
         });
         for _ in 0..2 {
-            tch::no_grad(|| net.forward(&x, true));
+            let _ = tch::no_grad(|| net.forward(&x, true));
         }
         let dir = tempfile::tempdir().unwrap();
         let vars: Vec<(String, Tensor)> = net.vs.variables().into_iter().collect();

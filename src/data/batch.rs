@@ -450,7 +450,7 @@ mod tests {
         };
         let sizes = |n: i64, bs: i64| {
             let b = Batches::new(
-                &indexed_split(n),
+                indexed_split(n),
                 &meta,
                 bs,
                 Order::Sequential,

@@ -117,8 +117,43 @@ enum DataCommand {
     },
 }
 
+/// Flags of `sgr bench data`.
+#[derive(clap::Args)]
+struct DataBenchArgs {
+    /// Data set.
+    #[arg(long)]
+    data: DatasetKind,
+    /// Data folder.
+    #[arg(long, default_value = "data")]
+    data_dir: PathBuf,
+    /// Decode threads to measure, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    loader_workers: Vec<usize>,
+    /// Image size of a streamed set.
+    #[arg(long, default_value_t = data::DEFAULT_IMAGE_SIZE)]
+    image_size: i64,
+    /// Batch size.
+    #[arg(long, default_value_t = 32)]
+    batch_size: i64,
+    /// Batches per measurement.
+    #[arg(long, default_value_t = 20)]
+    batches: usize,
+    /// Seed of the shuffle and augmentation.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// CPU threads for libtorch (normalisation of each batch).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// Training batches per second from the data loader alone (decode, augmentation,
+    /// normalisation; no model), per --loader-workers value.
+    Data(DataBenchArgs),
     /// Peak training memory per K (and rule), with ratios to global BP.
     Memory(GridArgs),
     /// Milliseconds per training step and peak memory per rule and K.
@@ -375,6 +410,49 @@ fn report(dir: &Path, out: Option<PathBuf>) -> Result<()> {
     Ok(())
 }
 
+fn bench_data(args: &DataBenchArgs) -> Result<()> {
+    if args.batch_size < 1 || args.batches < 1 {
+        bail!("--batch-size and --batches must be at least 1");
+    }
+    if args.threads > 0 {
+        tch::set_num_threads(args.threads as i32);
+    }
+    let mut rows = Vec::new();
+    for &workers in &args.loader_workers {
+        let opts = data::LoadOptions {
+            image_size: args.image_size,
+            workers,
+            skip_bad: false,
+        };
+        let ds = data::load_with(args.data, &args.data_dir, &opts)?;
+        rows.push(data::throughput::measure(
+            &ds,
+            args.batch_size,
+            args.batches,
+            args.seed,
+        )?);
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        println!(
+            "{} at {} px, batch {}, {} batches",
+            args.data, args.image_size, args.batch_size, args.batches
+        );
+        println!(
+            "{:>8}{:>10}{:>10}{:>12}",
+            "workers", "images", "seconds", "images/s"
+        );
+        for r in &rows {
+            println!(
+                "{:>8}{:>10}{:>10.2}{:>12.1}",
+                r.workers, r.images, r.seconds, r.images_per_second
+            );
+        }
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Train {
@@ -430,6 +508,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Report { dir, out } => report(&dir, out),
         Command::InternalPanic => panic!("deliberate panic (sgr internal-panic)"),
         Command::Bench { command } => match *command {
+            BenchCommand::Data(args) => bench_data(&args),
             BenchCommand::Memory(mut args) => {
                 args.bench.live_memory = true;
                 grid(&args)

@@ -500,3 +500,35 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn bench_data_reports_one_row_per_worker_count() {
+    let dir = tempfile::tempdir().unwrap();
+    write_fixture(dir.path(), 4, 1, 40);
+    let out = sgr_cmd(&[
+        "bench",
+        "data",
+        "--data",
+        "imagefolder",
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+        "--loader-workers",
+        "1,3",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "8",
+        "--batches",
+        "3",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    for (row, workers) in rows.iter().zip([1, 3]) {
+        assert_eq!(row["workers"], workers);
+        assert_eq!(row["images"], 24);
+        assert!(row["images_per_second"].as_f64().unwrap() > 0.0);
+    }
+}

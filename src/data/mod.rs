@@ -24,6 +24,7 @@ pub mod source;
 pub mod stl10;
 pub mod svhn;
 pub mod synthetic;
+pub mod throughput;
 
 pub(crate) use batch::uniform_below;
 pub use batch::{Batch, Batches, Order, permutation};

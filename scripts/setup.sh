@@ -17,6 +17,7 @@ cd "$(dirname "$0")/.."
 # The one place the libtorch version is chosen; tch in Cargo.toml must be its binding release
 # (tch 0.24.x <-> torch 2.11.0).
 TORCH_VERSION=2.11.0
+TORCHVISION_VERSION="0.26.0"  # torchvision's release for torch 2.11.0
 CUDA_RUNTIME="13.0.*"   # torch 2.11.0 pins cuda-toolkit 13.0.2
 MODE="${SGR_TORCH_INSTALL:-full}"
 
@@ -42,8 +43,10 @@ if [ "$MODE" = light ]; then
   fi
   .venv/bin/pip install -q --no-deps "nvidia-cuda-runtime==$CUDA_RUNTIME" "nvidia-cuda-cupti==$CUDA_RUNTIME"
 else
-  # pip is a no-op when everything is already there.
-  .venv/bin/pip install -q "torch==$TORCH_VERSION"
+  # pip is a no-op when everything is already there. torchvision (its release for this torch)
+  # and scipy serve the reference tests: ImageFolder/DataLoader and the ResNets' weight names,
+  # and MAT-files written by scipy.io.savemat for the SVHN reader.
+  .venv/bin/pip install -q "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION" "scipy>=1.11"
 fi
 site="$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 site="${site#"$(pwd)/.venv/"}"

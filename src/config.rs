@@ -120,7 +120,7 @@ config_fields! {
     data: DatasetKind = DatasetKind::FashionMnist;
     /// Folder holding the data sets [default: data]
     data_dir: PathBuf = PathBuf::from("data");
-    /// Network: resnet20, resnet32, resnet56, resnet110, mlp-DxW (D hidden layers of width W, e.g. mlp-8x256), vit-micro, vit-tiny, vit-small or vit-DxWhH (D blocks of width W, H heads) [default: resnet32]
+    /// Network: resnet20, resnet32, resnet56, resnet110 (CIFAR), resnet18, resnet34, resnet50, resnet101, resnet152 (ImageNet), mlp-DxW (D hidden layers of width W, e.g. mlp-8x256), vit-micro, vit-tiny, vit-small or vit-DxWhH (D blocks of width W, H heads) [default: resnet32]
     model: Arch = "resnet32".parse().expect("a registered network");
     /// ViT patch size (0 = from the input: 4 for 28/32 px, 8 for 64/96 px, 16 for 224 px) [default: 0]
     patch_size: i64 = 0;
@@ -213,6 +213,13 @@ config_fields! {
     on_nan: OnNan = OnNan::Stop;
     /// Compute device [default: cpu]
     device: DeviceKind = DeviceKind::Cpu;
+    /// Side length of the square images of a streamed set (--data imagefolder) [default: 224]
+    image_size: i64 = crate::data::DEFAULT_IMAGE_SIZE;
+    /// Decode threads for a streamed set; the batches do not depend on it [default: 1]
+    loader_workers: usize = 1;
+    /// Log and skip unreadable images of a streamed set instead of stopping (a switch) [default: false]
+    [arg(num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    skip_bad_images: bool = false;
 }
 
 /// Fields that may differ from the saved config when a run is resumed (`epochs` only where
@@ -224,6 +231,8 @@ const RESUMABLE_OVERRIDES: &[&str] = &[
     "diag_every",
     "on_nan",
     "device",
+    "loader_workers",
+    "skip_bad_images",
 ];
 
 fn overlay(base: &mut serde_json::Value, top: serde_json::Value) {
@@ -395,6 +404,12 @@ impl TrainConfig {
         }
         if self.modules == 0 {
             return fail("modules", "must be at least 1");
+        }
+        if self.image_size < 8 {
+            return fail("image-size", "must be at least 8");
+        }
+        if self.loader_workers == 0 {
+            return fail("loader-workers", "must be at least 1");
         }
         if self.sgr_every == 0 {
             return fail("sgr-every", "must be at least 1");

@@ -100,11 +100,60 @@ enum DataCommand {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Streamed sets: decode every image (after the evaluation transform at --image-size)
+        /// for per-channel mean/std, and store the training split's in <data-dir>/sgr-stats.json,
+        /// which training then normalises with instead of ImageNet's statistics.
+        #[arg(long)]
+        compute_stats: bool,
+        /// Streamed sets: image size for --compute-stats.
+        #[arg(long, default_value_t = data::DEFAULT_IMAGE_SIZE)]
+        image_size: i64,
+        /// Streamed sets: decode threads for --compute-stats.
+        #[arg(long, default_value_t = 1)]
+        loader_workers: usize,
+        /// Streamed sets: skip unreadable images (counted) instead of stopping.
+        #[arg(long)]
+        skip_bad_images: bool,
     },
+}
+
+/// Flags of `sgr bench data`.
+#[derive(clap::Args)]
+struct DataBenchArgs {
+    /// Data set.
+    #[arg(long)]
+    data: DatasetKind,
+    /// Data folder.
+    #[arg(long, default_value = "data")]
+    data_dir: PathBuf,
+    /// Decode threads to measure, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    loader_workers: Vec<usize>,
+    /// Image size of a streamed set.
+    #[arg(long, default_value_t = data::DEFAULT_IMAGE_SIZE)]
+    image_size: i64,
+    /// Batch size.
+    #[arg(long, default_value_t = 32)]
+    batch_size: i64,
+    /// Batches per measurement.
+    #[arg(long, default_value_t = 20)]
+    batches: usize,
+    /// Seed of the shuffle and augmentation.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// CPU threads for libtorch (normalisation of each batch).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// Training batches per second from the data loader alone (decode, augmentation,
+    /// normalisation; no model), per --loader-workers value.
+    Data(DataBenchArgs),
     /// Peak training memory per K (and rule), with ratios to global BP.
     Memory(GridArgs),
     /// Milliseconds per training step and peak memory per rule and K.
@@ -255,7 +304,7 @@ fn eval(path: &Path, args: EvalArgs) -> Result<()> {
     let ds = sgr::train::load_data(&cfg)?;
     let net = sgr::train::build_net(&cfg, &ds)?;
     sgr::checkpoint::load_into(&net, path, &vars, false)?;
-    let e = sgr::train::evaluate(&net, &ds, &ds.test, batch_size);
+    let e = sgr::train::evaluate(&net, &ds, &ds.test, batch_size)?;
     let acc = e.module_accuracy.last().copied().unwrap_or(0.0);
     let split = if cfg.holdout > 0 { "holdout" } else { "test" };
     if json {
@@ -362,6 +411,49 @@ fn report(dir: &Path, out: Option<PathBuf>) -> Result<()> {
     Ok(())
 }
 
+fn bench_data(args: &DataBenchArgs) -> Result<()> {
+    if args.batch_size < 1 || args.batches < 1 {
+        bail!("--batch-size and --batches must be at least 1");
+    }
+    if args.threads > 0 {
+        tch::set_num_threads(args.threads as i32);
+    }
+    let mut rows = Vec::new();
+    for &workers in &args.loader_workers {
+        let opts = data::LoadOptions {
+            image_size: args.image_size,
+            workers,
+            skip_bad: false,
+        };
+        let ds = data::load_with(args.data, &args.data_dir, &opts)?;
+        rows.push(data::throughput::measure(
+            &ds,
+            args.batch_size,
+            args.batches,
+            args.seed,
+        )?);
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        println!(
+            "{} at {} px, batch {}, {} batches",
+            args.data, args.image_size, args.batch_size, args.batches
+        );
+        println!(
+            "{:>8}{:>10}{:>10}{:>12}",
+            "workers", "images", "seconds", "images/s"
+        );
+        for r in &rows {
+            println!(
+                "{:>8}{:>10}{:>10.2}{:>12.1}",
+                r.workers, r.images, r.seconds, r.images_per_second
+            );
+        }
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Train {
@@ -378,10 +470,28 @@ fn run(cli: Cli) -> Result<()> {
                     data,
                     data_dir,
                     json,
+                    compute_stats,
+                    image_size,
+                    loader_workers,
+                    skip_bad_images,
                 },
         } => {
-            let ds = data::load(data, &data_dir)?;
-            let info = data::info(&ds);
+            let opts = data::LoadOptions {
+                image_size,
+                workers: loader_workers,
+                skip_bad: skip_bad_images,
+            };
+            let ds = data::load_with(data, &data_dir, &opts)?;
+            let info = data::info_with(&ds, compute_stats)?;
+            if compute_stats && data.streams() {
+                let stats = data::folder::FolderStats {
+                    mean: info.train.mean.clone(),
+                    std: info.train.std.clone(),
+                    image_size,
+                };
+                let path = data::folder::write_stats(&data_dir, &stats)?;
+                eprintln!("wrote {}", path.display());
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&info)?);
             } else {
@@ -399,6 +509,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Report { dir, out } => report(&dir, out),
         Command::InternalPanic => panic!("deliberate panic (sgr internal-panic)"),
         Command::Bench { command } => match *command {
+            BenchCommand::Data(args) => bench_data(&args),
             BenchCommand::Memory(mut args) => {
                 args.bench.live_memory = true;
                 grid(&args)

@@ -501,10 +501,10 @@ pub fn run(
         .collect();
     let mut checked = Vec::new();
     for cfg in to_run.iter().map(|c| &c.config) {
-        let key = (cfg.device, cfg.data, cfg.data_dir.clone());
+        let key = (cfg.device, cfg.data, cfg.data_dir.clone(), cfg.image_size);
         if !checked.contains(&key) {
             cfg.tch_device()?;
-            crate::data::load(cfg.data, &cfg.data_dir)?;
+            crate::data::load_with(cfg.data, &cfg.data_dir, &crate::train::load_options(cfg))?;
             checked.push(key);
         }
     }

@@ -58,6 +58,9 @@ pub struct Summary {
     pub peak_device_bytes: Option<u64>,
     /// Analytic activation bytes kept alive by each module at this batch size.
     pub module_activation_bytes: Vec<i64>,
+    /// Distinct images skipped as unreadable (`--skip-bad-images`; 0 for in-memory sets).
+    #[serde(default)]
+    pub skipped_images: usize,
     /// Trainable parameters (backbone and heads).
     pub parameters: i64,
     /// The full resolved configuration.
@@ -73,21 +76,28 @@ pub struct Evaluation {
     pub loss: f64,
 }
 
-/// Evaluates every head of `net` on `split` in inference mode.
-pub fn evaluate(net: &SplitNet, ds: &Dataset, split: &data::Split, batch_size: i64) -> Evaluation {
+/// Evaluates every head of `net` on `split` in inference mode. Fails only for a streamed split
+/// with an unreadable image (without `--skip-bad-images`).
+pub fn evaluate(
+    net: &SplitNet,
+    ds: &Dataset,
+    split: &data::Source,
+    batch_size: i64,
+) -> Result<Evaluation> {
     let _guard = tch::no_grad_guard();
     let modules = net.num_modules();
     let mut correct = vec![0i64; modules];
     let (mut loss_sum, mut seen) = (0.0, 0i64);
-    let batches = Batches::new(
+    let mut batches = Batches::new(
         split,
         &ds.meta,
         batch_size,
         Order::Sequential,
         false,
         net.device(),
-    );
-    for batch in batches.keep_singleton() {
+    )
+    .keep_singleton();
+    for batch in batches.by_ref() {
         let mut h = batch.images.shallow_clone();
         for (k, right) in correct.iter_mut().enumerate() {
             h = net.forward_module(k, &h, false);
@@ -100,18 +110,21 @@ pub fn evaluate(net: &SplitNet, ds: &Dataset, split: &data::Split, batch_size: i
         }
         seen += batch.labels.size()[0];
     }
+    if let Some(e) = batches.take_error() {
+        return Err(e);
+    }
     let seen_f = seen.max(1) as f64;
-    Evaluation {
+    Ok(Evaluation {
         module_accuracy: correct.iter().map(|&c| c as f64 / seen_f).collect(),
         loss: loss_sum / seen_f,
-    }
+    })
 }
 
 /// Loads the data set of `cfg`, cut to the configured subsets. With `holdout`, the last
 /// `holdout` training images become the evaluation split (before `train_subset` and
 /// `test_subset` apply), so settings can be chosen without the test set.
 pub fn load_data(cfg: &TrainConfig) -> Result<Dataset> {
-    let mut ds = data::load(cfg.data, &cfg.data_dir)?;
+    let mut ds = data::load_with(cfg.data, &cfg.data_dir, &load_options(cfg))?;
     if cfg.holdout > 0 {
         let n = ds.train.len();
         if cfg.holdout >= n {
@@ -140,6 +153,15 @@ pub fn check_model(cfg: &TrainConfig, ds: &Dataset) -> Result<()> {
     let spec = cfg.model_spec(input, ds.meta.classes);
     let _guard = tch::no_grad_guard();
     crate::model::with_seed(cfg.seed as i64, || SplitNet::new(&spec, tch::Device::Cpu)).map(drop)
+}
+
+/// The options of `cfg` for reading a streamed set.
+pub fn load_options(cfg: &TrainConfig) -> data::LoadOptions {
+    data::LoadOptions {
+        image_size: cfg.image_size,
+        workers: cfg.loader_workers,
+        skip_bad: cfg.skip_bad_images,
+    }
 }
 
 /// Builds the network for `cfg` on data `ds` (seeding libtorch first).
@@ -265,7 +287,7 @@ pub fn run_with_data(
     for epoch in state.epoch..cfg.epochs {
         let (totals, seconds, lrs) = trainer.train_epoch(epoch, &mut state)?;
         state.peak_host_rss_bytes = state.peak_host_rss_bytes.max(meter.peak_above_baseline());
-        let eval = evaluate(&trainer.net, ds, &ds.test, cfg.batch_size.max(256));
+        let eval = evaluate(&trainer.net, ds, &ds.test, cfg.batch_size.max(256))?;
         if let (Some(base), Some(now)) = (device_baseline, device_used_bytes(device)) {
             let peak = now.saturating_sub(base);
             state.peak_device_bytes = Some(state.peak_device_bytes.map_or(peak, |p| p.max(peak)));
@@ -281,7 +303,7 @@ pub fn run_with_data(
     }
     let eval = match last_eval {
         Some(e) => e,
-        None => evaluate(&trainer.net, ds, &ds.test, cfg.batch_size.max(256)),
+        None => evaluate(&trainer.net, ds, &ds.test, cfg.batch_size.max(256))?,
     };
     trainer.write_summary(&state, eval)
 }
@@ -433,7 +455,7 @@ impl<'a> Trainer<'a> {
         state: &mut TrainState,
     ) -> Result<(EpochTotals, f64, [f64; 2])> {
         let cfg = self.cfg;
-        let batches = Batches::new(
+        let mut batches = Batches::new(
             &self.ds.train,
             &self.ds.meta,
             cfg.batch_size,
@@ -474,7 +496,7 @@ impl<'a> Trainer<'a> {
         let mut totals = EpochTotals::default();
         let mut consecutive_bad = 0;
         let start = Instant::now();
-        for (i, batch) in batches.take(steps).enumerate() {
+        for (i, batch) in batches.by_ref().take(steps).enumerate() {
             let lr = lr_at(i);
             if cfg.diag_every > 0
                 && state.global_step.is_multiple_of(cfg.diag_every)
@@ -562,6 +584,9 @@ impl<'a> Trainer<'a> {
         }
         let seconds = start.elapsed().as_secs_f64();
         bar.finish_and_clear();
+        if let Some(e) = batches.take_error() {
+            return Err(e);
+        }
         Ok((totals, seconds, [lr_at(0), lr_at(steps.max(1) - 1)]))
     }
 
@@ -639,6 +664,11 @@ impl<'a> Trainer<'a> {
                 .map(|k| net.module_activation_bytes(k, cfg.batch_size))
                 .collect(),
             parameters: net.parameter_count(),
+            skipped_images: [&self.ds.train, &self.ds.test]
+                .iter()
+                .filter_map(|s| s.folder())
+                .map(|f| f.skipped())
+                .sum(),
             config: cfg.clone(),
         };
         checkpoint::write_atomic(

@@ -48,8 +48,8 @@ fn load_fixture(set: &str) -> Split {
 fn per_class(split: &Split) -> Vec<usize> {
     let ds = Dataset {
         meta: DatasetKind::Mnist.meta(),
-        train: split.subset(2),
-        test: split.shallow_clone(),
+        train: split.subset(2).into(),
+        test: split.shallow_clone().into(),
     };
     data::info(&ds).test.per_class
 }
@@ -133,7 +133,8 @@ fn load_reads_raw_and_gzipped_idx_folders() {
             assert_eq!(ds.meta, kind.meta());
             assert_eq!((ds.train.len(), ds.test.len()), (1000, 1000));
             assert!(
-                ds.test.images.equal(&reference.images) && ds.test.labels.equal(&reference.labels)
+                ds.test.memory().unwrap().images.equal(&reference.images)
+                    && ds.test.memory().unwrap().labels.equal(&reference.labels)
             );
         }
     }
@@ -214,13 +215,26 @@ fn cifar10_round_trips_through_files() {
 
         let ds = load(DatasetKind::Cifar10, tmp.path()).unwrap();
         assert_eq!(ds.meta, DatasetKind::Cifar10.meta());
-        assert_eq!(ds.train.images.size(), [15, 3, 32, 32]);
+        assert_eq!(ds.train.memory().unwrap().images.size(), [15, 3, 32, 32]);
         assert!(
-            ds.train.images.equal(&Tensor::cat(&imgs, 0)),
+            ds.train
+                .memory()
+                .unwrap()
+                .images
+                .equal(&Tensor::cat(&imgs, 0)),
             "train images (batches in order 1..5)"
         );
-        assert!(ds.train.labels.equal(&Tensor::cat(&labs, 0)));
-        assert!(ds.test.images.equal(&tx) && ds.test.labels.equal(&ty));
+        assert!(
+            ds.train
+                .memory()
+                .unwrap()
+                .labels
+                .equal(&Tensor::cat(&labs, 0))
+        );
+        assert!(
+            ds.test.memory().unwrap().images.equal(&tx)
+                && ds.test.memory().unwrap().labels.equal(&ty)
+        );
     }
 }
 
@@ -238,8 +252,14 @@ fn cifar100_round_trips_with_fine_labels() {
         std::fs::write(dir.join("test.bin"), cifar::write_records(&tx, &ty, true)).unwrap();
         let ds = load(DatasetKind::Cifar100, tmp.path()).unwrap();
         assert_eq!(ds.meta.classes, 100);
-        assert!(ds.train.images.equal(&x) && ds.train.labels.equal(&y));
-        assert!(ds.test.images.equal(&tx) && ds.test.labels.equal(&ty));
+        assert!(
+            ds.train.memory().unwrap().images.equal(&x)
+                && ds.train.memory().unwrap().labels.equal(&y)
+        );
+        assert!(
+            ds.test.memory().unwrap().images.equal(&tx)
+                && ds.test.memory().unwrap().labels.equal(&ty)
+        );
     }
 }
 
@@ -533,7 +553,14 @@ fn full_mnist_matches_published_counts() {
     assert!((info.train.std[0] - data::MNIST_STD).abs() < 1e-4, "{info}");
     // The committed fixture is exactly the first 1,000 test samples.
     let fix = load_fixture("mnist");
-    assert!(ds.test.subset(1000).images.equal(&fix.images));
+    assert!(
+        ds.test
+            .subset(1000)
+            .memory()
+            .unwrap()
+            .images
+            .equal(&fix.images)
+    );
 }
 
 #[test]
@@ -555,8 +582,19 @@ fn full_fashion_mnist_matches_published_counts() {
     );
     let fix = load_fixture("fashion-mnist");
     assert!(
-        ds.test.subset(1000).images.equal(&fix.images)
-            && ds.test.subset(1000).labels.equal(&fix.labels)
+        ds.test
+            .subset(1000)
+            .memory()
+            .unwrap()
+            .images
+            .equal(&fix.images)
+            && ds
+                .test
+                .subset(1000)
+                .memory()
+                .unwrap()
+                .labels
+                .equal(&fix.labels)
     );
 }
 

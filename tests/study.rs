@@ -1,7 +1,7 @@
 //! What the SGR study needs end to end: MLPs that learn under every side of the penalty, and a
 //! held-out evaluation split for choosing settings without the test set.
 use sgr::config::TrainConfig;
-use sgr::data::{self, Dataset, DatasetKind, Split};
+use sgr::data::{self, Dataset, DatasetKind};
 use sgr::model::{HeadKind, SplitStrategy};
 use sgr::rules::{RuleKind, SgrDistance, SgrSide};
 use std::path::{Path, PathBuf};
@@ -21,8 +21,8 @@ fn fixture() -> Dataset {
     .unwrap();
     Dataset {
         meta: DatasetKind::FashionMnist.meta(),
-        train: all.subset(800),
-        test: all.tail(200),
+        train: all.subset(800).into(),
+        test: all.tail(200).into(),
     }
 }
 
@@ -96,7 +96,10 @@ fn holdout_evaluates_on_the_last_training_images_and_trains_on_the_rest() {
     let full = sgr::train::load_data(&cfg(0)).unwrap();
     let held = sgr::train::load_data(&cfg(150)).unwrap();
     assert_eq!((held.train.len(), held.test.len()), (850, 150));
-    let same = |a: &Split, b: &Split| a.images.equal(&b.images) && a.labels.equal(&b.labels);
+    let same = |a: &data::Source, b: &data::Source| {
+        let (a, b) = (a.memory().unwrap(), b.memory().unwrap());
+        a.images.equal(&b.images) && a.labels.equal(&b.labels)
+    };
     assert!(same(&held.train, &full.train.subset(850)));
     assert!(same(&held.test, &full.train.tail(150)));
     let e = sgr::train::load_data(&cfg(1000)).unwrap_err().to_string();

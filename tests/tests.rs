@@ -2,12 +2,15 @@
 mod bench;
 mod common;
 mod data;
+mod imagefolder;
+mod imagenet_resnet;
 mod model;
 mod reference;
 mod reliability;
 mod report_study;
 mod rules;
 mod study;
+mod svhn_stl;
 mod sweep_grid;
 mod sweep_report;
 mod train;

@@ -111,8 +111,8 @@ pub fn generate(
             std: vec![SYNTHETIC_STD; channels as usize],
             augment: AugmentKind::None,
         },
-        train: split(&mut train_rng, &templates, n_train, shape),
-        test: split(&mut test_rng, &templates, n_test, shape),
+        train: split(&mut train_rng, &templates, n_train, shape).into(),
+        test: split(&mut test_rng, &templates, n_test, shape).into(),
     }
 }
 
@@ -126,21 +126,50 @@ mod tests {
         let a = generate(7, 50, 20, 3, 8, 10);
         let b = generate(7, 50, 20, 3, 8, 10);
         let c = generate(8, 50, 20, 3, 8, 10);
-        assert!(a.train.images.equal(&b.train.images) && a.test.images.equal(&b.test.images));
-        assert!(a.train.labels.equal(&b.train.labels));
-        assert!(!a.train.images.equal(&c.train.images));
-        assert_eq!(a.train.images.size(), [50, 3, 8, 8]);
-        assert_eq!(a.train.images.kind(), Kind::Uint8);
-        assert_eq!(a.test.labels.size(), [20]);
+        assert!(
+            a.train
+                .memory()
+                .unwrap()
+                .images
+                .equal(&b.train.memory().unwrap().images)
+                && a.test
+                    .memory()
+                    .unwrap()
+                    .images
+                    .equal(&b.test.memory().unwrap().images)
+        );
+        assert!(
+            a.train
+                .memory()
+                .unwrap()
+                .labels
+                .equal(&b.train.memory().unwrap().labels)
+        );
+        assert!(
+            !a.train
+                .memory()
+                .unwrap()
+                .images
+                .equal(&c.train.memory().unwrap().images)
+        );
+        assert_eq!(a.train.memory().unwrap().images.size(), [50, 3, 8, 8]);
+        assert_eq!(a.train.memory().unwrap().images.kind(), Kind::Uint8);
+        assert_eq!(a.test.memory().unwrap().labels.size(), [20]);
         // Train samples do not depend on the test size.
         let d = generate(7, 50, 3, 3, 8, 10);
-        assert!(a.train.images.equal(&d.train.images));
+        assert!(
+            a.train
+                .memory()
+                .unwrap()
+                .images
+                .equal(&d.train.memory().unwrap().images)
+        );
     }
 
     #[test]
     fn statistics_match_the_normalisation_constants() {
         let ds = generate(1, 1000, 10, 3, 16, 10);
-        let x = ds.train.images.to_kind(Kind::Double) / 255.0;
+        let x = ds.train.memory().unwrap().images.to_kind(Kind::Double) / 255.0;
         let mean = x.mean(Kind::Double).double_value(&[]);
         let std = x.std(false).double_value(&[]);
         assert!((mean - SYNTHETIC_MEAN).abs() < 0.02, "mean {mean}");
@@ -153,7 +182,13 @@ mod tests {
         // signal is there. Per-pixel noise is larger than the class deviations, so it is not
         // visible in single pixels.
         let ds = generate(3, 500, 200, 3, 16, 10);
-        let x = ds.train.images.to_kind(Kind::Float).flatten(1, -1);
+        let x = ds
+            .train
+            .memory()
+            .unwrap()
+            .images
+            .to_kind(Kind::Float)
+            .flatten(1, -1);
         let means: Vec<Tensor> = (0..10)
             .map(|k| {
                 let idx = Tensor::arange_start_step(k, 500, 10, (Kind::Int64, tch::Device::Cpu));
@@ -161,7 +196,13 @@ mod tests {
             })
             .collect();
         let means = Tensor::stack(&means, 0);
-        let t = ds.test.images.to_kind(Kind::Float).flatten(1, -1);
+        let t = ds
+            .test
+            .memory()
+            .unwrap()
+            .images
+            .to_kind(Kind::Float)
+            .flatten(1, -1);
         let dist = t
             .unsqueeze(1)
             .g_sub(&means.unsqueeze(0))
@@ -169,7 +210,7 @@ mod tests {
             .sum_dim_intlist(2, false, Kind::Float);
         let pred = dist.argmin(1, false);
         let acc = pred
-            .eq_tensor(&ds.test.labels)
+            .eq_tensor(&ds.test.memory().unwrap().labels)
             .to_kind(Kind::Float)
             .mean(Kind::Float);
         assert!(acc.double_value(&[]) > 0.9, "accuracy {acc}");

@@ -9,6 +9,7 @@ pub mod heads;
 pub mod mlp;
 pub mod network;
 pub mod resnet;
+pub mod resnet_imagenet;
 pub mod splits;
 pub mod vit;
 

@@ -10,7 +10,7 @@
 //! `mlp-8x256`); [`Arch`] is that name, checked against the registry when it is parsed.
 use super::FeatureShape;
 use super::splits::TableEntry;
-use super::{mlp, resnet, vit};
+use super::{mlp, resnet, resnet_imagenet, vit};
 use crate::Result;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -104,7 +104,12 @@ pub struct Family {
 }
 
 /// Every network family. Adding a network: a file implementing [`Network`] and a line here.
-pub const FAMILIES: &[Family] = &[resnet::FAMILY, mlp::FAMILY, vit::FAMILY];
+pub const FAMILIES: &[Family] = &[
+    resnet_imagenet::FAMILY,
+    resnet::FAMILY,
+    mlp::FAMILY,
+    vit::FAMILY,
+];
 
 /// A network name, checked against [`FAMILIES`] when parsed (`"resnet32".parse::<Arch>()`).
 #[derive(Clone)]

@@ -37,7 +37,7 @@ fn parse_name(name: &str) -> Parsed {
             blocks_per_stage: (d - 2) / 6,
         })),
         _ => Err(format!(
-            "unknown network '{name}': the CIFAR ResNets are resnet20, resnet32, resnet56 and resnet110"
+            "unknown network '{name}': the CIFAR ResNets are resnet20, resnet32, resnet56 and resnet110, the ImageNet ones resnet18, resnet34, resnet50, resnet101 and resnet152"
         )),
     })
 }
@@ -224,7 +224,8 @@ pub struct BasicBlock {
 }
 
 impl BasicBlock {
-    fn new(p: &nn::Path, c_in: i64, c_out: i64, stride: i64) -> Self {
+    /// A block from `c_in` to `c_out` channels, strided on its first 3x3 convolution.
+    pub(crate) fn new(p: &nn::Path, c_in: i64, c_out: i64, stride: i64) -> Self {
         let downsample = (stride != 1 || c_in != c_out).then(|| {
             let d = p / "downsample";
             (

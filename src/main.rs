@@ -17,7 +17,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Train a network with a rule (bp, dgl, sgr) into a run folder.
+    /// Train a network with a rule (bp, dgl, sgr, fg) into a run folder.
     Train {
         /// Run folder (metrics.jsonl, checkpoint.safetensors, summary.json).
         #[arg(long)]

@@ -157,6 +157,11 @@ fn train(
     // Bad data (missing files, a --holdout larger than the set) fails before the run folder
     // exists.
     let ds = sgr::train::load_data(&cfg)?;
+    // A network with a layer that rule fg cannot estimate fails before the folder exists too.
+    if cfg.rule == sgr::rules::RuleKind::Fg {
+        let net = sgr::train::build_net(&cfg, &ds)?;
+        sgr::rules::fg::check_network(&net, &ds.train.images, &ds.train.labels)?;
+    }
     // Fail on an unwritable folder before any training time is spent.
     std::fs::create_dir_all(out)
         .with_context(|| format!("cannot create run folder {}", out.display()))?;

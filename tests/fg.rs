@@ -318,8 +318,21 @@ fn bad_fg_input_gives_one_clear_error_and_no_run_folder() {
     let out = tmp.path().join("run");
     let o = out.to_str().unwrap();
     let base = [
-        "train", "--data", "synthetic", "--model", "mlp-2x8", "--modules", "2", "--aux-head",
-        "linear", "--epochs", "1", "--rule", "fg", "--out", o,
+        "train",
+        "--data",
+        "synthetic",
+        "--model",
+        "mlp-2x8",
+        "--modules",
+        "2",
+        "--aux-head",
+        "linear",
+        "--epochs",
+        "1",
+        "--rule",
+        "fg",
+        "--out",
+        o,
     ];
     for (extra, needle) in [
         (&["--fg-tangents", "0"][..], "--fg-tangents"),
@@ -332,7 +345,10 @@ fn bad_fg_input_gives_one_clear_error_and_no_run_folder() {
             .unwrap();
         let err = text(&result);
         assert!(!result.status.success(), "{extra:?} succeeded");
-        assert!(err.contains("error") && err.contains(needle), "{extra:?}: {err}");
+        assert!(
+            err.contains("error") && err.contains(needle),
+            "{extra:?}: {err}"
+        );
         assert_eq!(err.trim().lines().count(), 1, "{extra:?}: {err}");
         assert_no_panic(&err);
         assert!(!out.exists(), "{extra:?} wrote a run folder");

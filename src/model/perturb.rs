@@ -246,7 +246,9 @@ impl Tape {
         let clean_dot = if exact_last {
             let last = self.points.last_mut().expect("a last point");
             last.u = None;
-            last.clean.take().expect("the latest point keeps its tangent")
+            last.clean
+                .take()
+                .expect("the latest point keeps its tangent")
         } else {
             z_dot.shallow_clone()
         };

@@ -147,6 +147,49 @@ pub fn tangent_estimate(
     estimate(net, k, x, labels, &[seed])
 }
 
+/// The first parameter of module `k` that the estimates `sums` (keyed by data pointer) do not
+/// reach, by name.
+fn unreached(net: &SplitNet, k: usize, sums: &HashMap<usize, (Tensor, Tensor)>) -> Option<String> {
+    net.module_variables(k, true)
+        .into_iter()
+        .find(|(_, p)| !sums.contains_key(&(p.data_ptr() as usize)))
+        .map(|(name, _)| name)
+}
+
+fn unreached_error(net: &SplitNet, name: &str) -> Error {
+    Error::Config(format!(
+        "--rule fg: parameter `{name}` of {} is not reached by any forward-gradient perturbation point (its layer has no fg local rule)",
+        net.spec.arch
+    ))
+}
+
+/// Checks, before a run starts, that every parameter of every module of `net` gets an estimate
+/// (every layer with parameters is built from the hooked tangent primitives), with one tangent
+/// pass per module on the first two samples of `images` (pixels as stored, `u8`; only which
+/// parameters are reached matters here, not the values).
+pub fn check_network(net: &SplitNet, images: &Tensor, labels: &Tensor) -> Result<()> {
+    let x = images
+        .narrow(0, 0, 2)
+        .to_kind(tch::Kind::Float)
+        .to_device(net.device())
+        / 255.0;
+    let labels = labels.narrow(0, 0, 2).to_device(net.device());
+    net.with_frozen_buffers(|| {
+        let mut h = x;
+        for k in 0..net.num_modules() {
+            let sums: HashMap<usize, (Tensor, Tensor)> = estimate(net, k, &h, &labels, &[0])
+                .into_iter()
+                .map(|(p, g)| (p.data_ptr() as usize, (p, g)))
+                .collect();
+            if let Some(name) = unreached(net, k, &sums) {
+                return Err(unreached_error(net, &name));
+            }
+            h = tch::no_grad(|| net.forward_module(k, &h, true));
+        }
+        Ok(())
+    })
+}
+
 /// Gives every trainable parameter of `net` a gradient tensor if it has none yet.
 ///
 /// Rust's libtorch bindings offer no way to attach a `.grad` to a tensor other than a backward
@@ -202,15 +245,8 @@ impl Rule for Fg {
                 .into_iter()
                 .map(|(p, g)| (p.data_ptr() as usize, (p, g)))
                 .collect();
-            let params = net.module_variables(k, true);
-            if let Some((name, _)) = params
-                .iter()
-                .find(|(_, p)| !sums.contains_key(&(p.data_ptr() as usize)))
-            {
-                return Err(Error::Config(format!(
-                    "--rule fg: parameter `{name}` of {} is not reached by any forward-gradient perturbation point (its layer has no fg local rule)",
-                    net.spec.arch
-                )));
+            if let Some(name) = unreached(net, k, &sums) {
+                return Err(unreached_error(net, &name));
             }
             tch::no_grad(|| {
                 for (_, (p, g)) in sums {

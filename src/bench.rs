@@ -243,7 +243,7 @@ pub fn measure(cell: &Cell) -> Result<Row> {
         SplitNet::new(&cfg.model_spec(input, bench.classes), device)
     })?;
     let mut opt = crate::train::build_optimizer(cfg, &net);
-    let rule_impl = rules::build(cfg.rule, &cfg.sgr());
+    let rule_impl = rules::build_with(cfg.rule, &cfg.sgr(), &cfg.fg());
     let batch = Batch {
         images: Tensor::randn(
             [cfg.batch_size, bench.channels, bench.size, bench.size],

@@ -8,7 +8,9 @@
 use crate::data::DatasetKind;
 use crate::model::{Arch, FeatureShape, HeadKind, ModelSpec, NetOptions, SplitStrategy, TokenPool};
 use crate::optim::{OptimConfig, OptimizerKind};
-use crate::rules::{LambdaSchedule, RuleKind, SgrConfig, SgrDistance, SgrGrad, SgrSide};
+use crate::rules::{
+    FgConfig, FgGuess, LambdaSchedule, RuleKind, SgrConfig, SgrDistance, SgrGrad, SgrSide,
+};
 use crate::schedule::{Schedule, ScheduleKind};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -207,6 +209,10 @@ config_fields! {
     lambda_schedule: LambdaSchedule = LambdaSchedule::Constant;
     /// Epochs the λ warm-up or decay spans (0 = the whole run) [default: 0]
     lambda_schedule_epochs: f64 = 0.0;
+    /// Tangents N averaged per module and step by --rule fg [default: 1]
+    fg_tangents: usize = 1;
+    /// Tangent directions of --rule fg: random (Gaussian, strictly BP-free) or local (Fournier et al.'s local-loss guess, which needs a reverse pass) [default: random]
+    fg_guess: FgGuess = FgGuess::Random;
     /// Measure gradient discord every N steps (0 = never) [default: 50]
     diag_every: usize = 50;
     /// What to do on a NaN/Inf loss or gradient [default: stop]
@@ -471,6 +477,15 @@ impl TrainConfig {
                 );
             }
         }
+        if self.fg_tangents == 0 {
+            return fail("fg-tangents", "must be at least 1");
+        }
+        if self.rule == RuleKind::Fg && self.fg_guess == FgGuess::Local {
+            return fail(
+                "fg-guess",
+                "local takes its guess from a reverse pass through the module, and --rule fg runs none (its module's target is that same local loss, so the guess would be the exact gradient: that is --rule dgl); use --fg-guess random",
+            );
+        }
         if self.rule == RuleKind::Sgr && self.sgr_from > self.modules {
             let fix = if self.modules < 2 {
                 "--rule sgr needs --modules 2 or more".to_string()
@@ -546,6 +561,15 @@ impl TrainConfig {
             } else {
                 self.epochs as f64
             },
+        }
+    }
+
+    /// Forward-gradient settings (rule `fg`).
+    pub fn fg(&self) -> FgConfig {
+        FgConfig {
+            tangents: self.fg_tangents,
+            guess: self.fg_guess,
+            seed: self.seed,
         }
     }
 

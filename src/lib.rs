@@ -3,7 +3,7 @@
 //! The crate follows the data flow of a training run:
 //! [`data`] (real and synthetic image sets, batching, augmentation) →
 //! [`model`] (networks as ordered units, split into K modules, auxiliary heads) →
-//! [`rules`] (what one training step does: `bp`, `dgl`, `sgr`) →
+//! [`rules`] (what one training step does: `bp`, `dgl`, `sgr`, `fg`) →
 //! [`train`] (the one training loop: [`schedule`], [`optim`], [`checkpoint`], [`metrics`],
 //! [`diagnostics`]) → [`bench`] (timing and [`memory`]) → the `sgr` binary.
 pub mod bench;

@@ -352,7 +352,7 @@ impl<'a> Trainer<'a> {
         let net = build_net(cfg, ds)?;
         let opt = build_optimizer(cfg, &net);
         Ok(Trainer {
-            rule: rules::build(cfg.rule, &cfg.sgr()),
+            rule: rules::build_with(cfg.rule, &cfg.sgr(), &cfg.fg()),
             ckpt_path: checkpoint::path_in(out),
             metrics_path: out.join("metrics.jsonl"),
             diag_path: out.join("diagnostics.jsonl"),

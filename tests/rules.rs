@@ -8,6 +8,11 @@ use sgr::rules::sgr::distance;
 use sgr::rules::{self, RuleKind, SgrConfig, SgrDistance, SgrGrad, cross_entropy};
 use tch::Tensor;
 
+/// Builds a test network.
+type Build = fn() -> SplitNet;
+/// Builds a test network with the given auxiliary heads.
+type BuildWithHead = fn(HeadKind) -> SplitNet;
+
 fn step(net: &SplitNet, kind: RuleKind, sgr: &SgrConfig, batch: &Batch) {
     zero_grads(net);
     rules::build(kind, sgr)
@@ -186,7 +191,7 @@ fn sgr_gradients_stay_inside_each_module_and_use_the_plain_forwarded_gradient() 
 #[test]
 fn exact_sgr_gradient_matches_finite_differences_in_f64() {
     // A ResNet and a ViT (the double backward through attention, LayerNorm and GELU).
-    let cases: [(SgrDistance, i64, fn() -> SplitNet); 3] = [
+    let cases: [(SgrDistance, i64, Build); 3] = [
         (SgrDistance::L2, 6, || tiny_net(2, 2, 6, true, 9)),
         (SgrDistance::Cosine, 6, || tiny_net(2, 2, 6, true, 9)),
         (SgrDistance::L2, 8, || {
@@ -280,10 +285,10 @@ fn tangent_sgr_gradient_equals_the_double_backward_in_f64() {
         (HeadKind::Mlp, SgrDistance::L2, 2),
         (HeadKind::Mlp, SgrDistance::Cosine, 3),
     ];
-    let nets: Vec<(HeadKind, SgrDistance, usize, fn(HeadKind) -> SplitNet)> = cases
+    let nets: Vec<(HeadKind, SgrDistance, usize, BuildWithHead)> = cases
         .into_iter()
         .map(|(h, d, f)| {
-            let resnet: fn(HeadKind) -> SplitNet = |h| tiny_net_with_head(h, 3, 2, 8, true, 41);
+            let resnet: BuildWithHead = |h| tiny_net_with_head(h, 3, 2, 8, true, 41);
             (h, d, f, resnet)
         })
         .chain(

@@ -129,7 +129,18 @@ fn malformed_networks_and_impossible_variants_fail_before_a_run_folder_exists() 
             ],
             "--modules 9",
         ),
-        (&["--model", "mlp-8x256", "--modules", "2"], "--aux-head"),
+        // The default head is linear on vectors; an explicit conv head is refused.
+        (
+            &[
+                "--model",
+                "mlp-8x256",
+                "--modules",
+                "2",
+                "--aux-head",
+                "conv",
+            ],
+            "--aux-head",
+        ),
         (
             &[
                 "--model",

@@ -2,6 +2,7 @@
 mod bench;
 mod common;
 mod data;
+mod fg;
 mod imagefolder;
 mod imagenet_resnet;
 mod model;

@@ -7,6 +7,9 @@
 //!
 //! The layers here reproduce the training forward (BatchNorm on batch statistics) but never
 //! update running statistics: the rule calls them only after the real forward of the step.
+//! The parameterised primitives (linear, conv, BatchNorm) pass their result through
+//! [`super::perturb`]'s hooks, which do nothing unless rule `fg` is recording a tape.
+//!
 //! Each function saves as few activation-sized tensors for reverse mode as its ops allow
 //! (what a layer saves is what the penalty's memory is made of).
 use tch::{Tensor, nn};
@@ -47,7 +50,8 @@ pub fn conv_padded(layer: &nn::Conv2D, stride: i64, padding: i64, (x, x_dot): &D
             1,
         )
     };
-    (apply(x, layer.bs.as_ref()), apply(x_dot, None))
+    let out = (apply(x, layer.bs.as_ref()), apply(x_dot, None));
+    super::perturb::conv(layer, stride, x, out)
 }
 
 /// Training-mode BatchNorm over `[B, C, H, W]` (per channel over B, H, W) or `[B, C]` (per
@@ -60,7 +64,12 @@ pub fn conv_padded(layer: &nn::Conv2D, stride: i64, padding: i64, (x, x_dot): &D
 ///
 /// The tangent includes the batch statistics' own dependence on x (the mean and x̂ terms).
 /// Reverse mode keeps three activation-sized tensors here (x − μ, x̂, ẋ).
-pub fn batch_norm(layer: &nn::BatchNorm, (x, x_dot): &Dual) -> Dual {
+pub fn batch_norm(layer: &nn::BatchNorm, input: &Dual) -> Dual {
+    super::perturb::batch_norm(layer, input, |input| batch_norm_plain(layer, input))
+}
+
+/// [`batch_norm`] without the perturbation hook.
+fn batch_norm_plain(layer: &nn::BatchNorm, (x, x_dot): &Dual) -> Dual {
     let maps = x.dim() == 4;
     let dims: &[i64] = if maps { &[0, 2, 3] } else { &[0] };
     let kind = x.kind();
@@ -104,10 +113,11 @@ pub fn relu((x, x_dot): &Dual) -> Dual {
 
 /// Linear layer: `x·Wᵀ + b`, tangent `ẋ·Wᵀ`.
 pub fn linear(layer: &nn::Linear, (x, x_dot): &Dual) -> Dual {
-    (
+    let out = (
         x.linear(&layer.ws, layer.bs.as_ref()),
         x_dot.linear(&layer.ws, None::<Tensor>),
-    )
+    );
+    super::perturb::linear(layer, x, out)
 }
 
 /// Global average pool `[B, C, H, W] -> [B, C]` of both.
@@ -127,7 +137,7 @@ pub fn cross_entropy((logits, logits_dot): &Dual, labels: &Tensor, smoothing: f6
     let mut tangent = (log_probs.exp() * logits_dot).sum(kind) / batch
         + logits_dot.nll_loss(labels) * (1.0 - smoothing);
     if smoothing != 0.0 {
-        tangent = tangent - logits_dot.mean(kind) * smoothing;
+        tangent -= logits_dot.mean(kind) * smoothing;
     }
     (loss, tangent)
 }
@@ -153,11 +163,11 @@ pub fn layer_norm(layer: &nn::LayerNorm, (x, x_dot): &Dual) -> Dual {
     let mut tangent = (x_dot - mean_dot - &x_hat * along_x_hat) * invstd;
     let mut value = x_hat;
     if let Some(g) = &layer.ws {
-        value = value * g;
-        tangent = tangent * g;
+        value *= g;
+        tangent *= g;
     }
     if let Some(b) = &layer.bs {
-        value = value + b;
+        value += b;
     }
     (value, tangent)
 }

@@ -8,6 +8,7 @@ pub mod dual;
 pub mod heads;
 pub mod mlp;
 pub mod network;
+pub mod perturb;
 pub mod resnet;
 pub mod resnet_imagenet;
 pub mod splits;

@@ -322,7 +322,7 @@ impl Network for Vit {
     fn split_table(&self) -> Vec<(usize, TableEntry)> {
         (1..=self.depth)
             .map(|k| {
-                let entry = if self.depth % k == 0 {
+                let entry = if self.depth.is_multiple_of(k) {
                     TableEntry::Ends((1..k).map(|i| 1 + i * self.depth / k).collect())
                 } else {
                     TableEntry::Even

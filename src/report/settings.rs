@@ -53,6 +53,11 @@ pub(super) fn sgr_only(key: &str) -> bool {
     key.starts_with("sgr_") || key.starts_with("lambda") || key == "fd_eps"
 }
 
+/// Whether a config field only matters to the forward-gradient rule `fg`.
+pub(super) fn fg_only(key: &str) -> bool {
+    key.starts_with("fg_")
+}
+
 /// The rank of a rule in tables: the reference first, then plain local learning, then SGR.
 pub(super) fn rule_rank(rule: &str) -> usize {
     match rule {
@@ -90,6 +95,9 @@ fn canonicalize(f: &mut Fields) {
     if text(f, "rule") != Some("sgr") {
         f.retain(|k, _| !sgr_only(k));
     }
+    if text(f, "rule") != Some("fg") {
+        f.retain(|k, _| !fg_only(k));
+    }
     if text(f, "sgr_grad") != Some("fd") {
         f.remove("fd_eps");
     }
@@ -121,13 +129,14 @@ fn setting_fields(run: &Run, config: Option<&Value>, defaults: &Fields) -> Field
     f
 }
 
-/// The fields a paired baseline must share with a setting: all but the rule and SGR's fields.
+/// The fields a paired baseline must share with a setting: all but the rule and SGR's and
+/// `fg`'s fields.
 /// With `whole_network`, also not K, split or auxiliary head (to compare `bp` with `dgl`, or
 /// any run with `bp`'s error).
 pub(super) fn pairing_key(f: &Fields, whole_network: bool) -> String {
     let kept: Fields = f
         .iter()
-        .filter(|(k, _)| k.as_str() != "rule" && !sgr_only(k))
+        .filter(|(k, _)| k.as_str() != "rule" && !sgr_only(k) && !fg_only(k))
         .filter(|(k, _)| {
             !(whole_network && (k.as_str() == "modules" || MULTI_MODULE_ONLY.contains(&k.as_str())))
         })

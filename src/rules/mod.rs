@@ -5,6 +5,7 @@
 //! place that names every rule: adding a rule means a new file plus one arm in [`build`].
 pub mod bp;
 pub mod dgl;
+pub mod fg;
 pub mod sgr;
 
 use crate::Result;
@@ -14,6 +15,7 @@ use crate::model::splits::PenaltyCost;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
+pub use fg::{FgConfig, FgGuess};
 pub use sgr::{LambdaSchedule, SgrConfig, SgrDistance, SgrGrad, SgrSide};
 
 /// The available rules.
@@ -27,6 +29,9 @@ pub enum RuleKind {
     Dgl,
     /// DGL plus successive gradient reconciliation between neighbouring modules.
     Sgr,
+    /// K gradient-isolated modules trained by their local losses with forward gradients only
+    /// (activity perturbation; no reverse pass).
+    Fg,
 }
 
 impl RuleKind {
@@ -36,6 +41,7 @@ impl RuleKind {
             RuleKind::Bp => "bp",
             RuleKind::Dgl => "dgl",
             RuleKind::Sgr => "sgr",
+            RuleKind::Fg => "fg",
         }
     }
 }
@@ -95,12 +101,20 @@ pub trait Rule {
     fn step(&self, net: &SplitNet, batch: &Batch, at: &StepContext) -> Result<StepStats>;
 }
 
-/// Builds the rule `kind`; `sgr` is used by the SGR rule only.
+/// Builds the rule `kind`; `sgr` is used by the SGR rule only (`fg` takes its defaults, see
+/// [`build_with`]).
 pub fn build(kind: RuleKind, sgr: &SgrConfig) -> Box<dyn Rule> {
+    build_with(kind, sgr, &FgConfig::default())
+}
+
+/// Builds the rule `kind` with its settings: `sgr` for the SGR rule, `fg` for the forward-gradient
+/// rule.
+pub fn build_with(kind: RuleKind, sgr: &SgrConfig, fg: &FgConfig) -> Box<dyn Rule> {
     match kind {
         RuleKind::Bp => Box::new(bp::Bp),
         RuleKind::Dgl => Box::new(dgl::Dgl),
         RuleKind::Sgr => Box::new(sgr::Sgr(sgr.clone())),
+        RuleKind::Fg => Box::new(fg::Fg(fg.clone())),
     }
 }
 
@@ -108,7 +122,7 @@ pub fn build(kind: RuleKind, sgr: &SgrConfig) -> Box<dyn Rule> {
 /// (`None` for rules whose modules all cost what `dgl`'s do).
 pub fn penalty_cost(kind: RuleKind, sgr: &SgrConfig) -> Option<PenaltyCost> {
     match kind {
-        RuleKind::Bp | RuleKind::Dgl => None,
+        RuleKind::Bp | RuleKind::Dgl | RuleKind::Fg => None,
         RuleKind::Sgr => sgr.penalty_cost(),
     }
 }

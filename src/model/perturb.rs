@@ -1,0 +1,411 @@
+//! Activity perturbation for forward gradients (rule `fg`), hooked into the tangent layers.
+//!
+//! While a [`Tape`] is recording (see [`record`]), every parameterised tangent primitive of
+//! [`super::dual`] (linear, conv, BatchNorm) becomes a *perturbation point*: it adds a fresh
+//! Gaussian direction u (one per sample and feature, drawn from libtorch's generator) to the
+//! tangent it hands on, and notes what its layer-local weight rule needs (its input, u). After
+//! the pass, the loss tangent of sample i is `L̇_i = Σ_p ∇_{z_p,i} L_i · u_{p,i}` (all points
+//! at once), and the activity estimate at point p is `ĝ_{z_p,i} = L̇_i · u_{p,i} / B`
+//! (Ren et al., ICLR 2023, "FG-A"). Each point then turns its ĝ into parameter gradients by its
+//! own local rule, written out here as ordinary tensor ops (no autograd):
+//!
+//! ```text
+//! linear  z = x Wᵀ + b          ĝ_W = ĝ_zᵀ x,            ĝ_b = Σ_i ĝ_z
+//! conv    z = W ⋆ x + b         ĝ_W = Σ_i ĝ_z · im2col(x)ᵀ, ĝ_b = Σ_{i,h,w} ĝ_z
+//! BN      y = γ x̂ + β           ĝ_γ = Σ ĝ_y ⊙ x̂,        ĝ_β = Σ ĝ_y
+//! ```
+//!
+//! A linear or conv whose output goes straight into a BatchNorm is not perturbed on its own:
+//! the BatchNorm uses the layer's unperturbed tangent, and the layer's ĝ_z is the BatchNorm's
+//! ĝ_y pushed through the (local, exact) BatchNorm input gradient
+//! `ĝ_x = γ·s·(ĝ_y − mean ĝ_y − x̂·mean(ĝ_y ⊙ x̂))`. So an affine layer and its normalisation
+//! are one perturbation point at the normalised output, where the per-sample estimate is
+//! unbiased (see below), rather than two points, the first of which sits before the
+//! BatchNorm's coupling of the samples.
+//!
+//! **Unbiasedness.** `E[L̇_i u_{p,i}] = Σ_{q,j} ∇_{z_q,j} L_i E[u_{q,j} u_{p,i}ᵀ] = ∇_{z_p,i} L_i`,
+//! and `∇_{z_p,i} L = ∇_{z_p,i} L_i / B` exactly when sample i's point activity reaches no
+//! other sample's loss, i.e. when no BatchNorm (or other batch-mixing op) lies *after* the
+//! point inside the module. With one affine+BN layer per module and a linear or MLP head
+//! (mlp-DxW at K = D) the estimate is unbiased; where a later BatchNorm mixes the batch
+//! (a ResNet block's first conv, a conv head) the estimate omits the cross-sample terms of
+//! that BatchNorm's statistics, a bias of the order of those terms.
+//!
+//! The point that produces the logits gets no perturbation: the loss gradient there is known in
+//! closed form, `(softmax(z) − onehot(y)) / B`, and [`Tape::gradients`] uses it.
+//!
+//! Any tangent layer added later gets this for free if it is built from these primitives; a
+//! parameter no primitive reaches is reported by the rule rather than silently left untrained.
+use super::dual::{BN_EPS, Dual};
+use std::cell::RefCell;
+use tch::{Tensor, nn};
+
+/// What a perturbation point's local rule needs to know about its layer.
+#[derive(Debug)]
+enum Op {
+    Linear {
+        ws: Tensor,
+        bs: Option<Tensor>,
+    },
+    Conv {
+        ws: Tensor,
+        bs: Option<Tensor>,
+        stride: i64,
+        padding: i64,
+    },
+    Norm {
+        ws: Option<Tensor>,
+        bs: Option<Tensor>,
+        /// The affine point this BatchNorm normalises (its output gradient comes from here).
+        source: Option<usize>,
+    },
+}
+
+/// One perturbation point.
+#[derive(Debug)]
+struct Point {
+    op: Op,
+    /// The layer's input value (`None` where the tape does not keep inputs, and for a
+    /// BatchNorm that took a point over: its input is recomputed from the source's).
+    input: Option<Tensor>,
+    /// The direction added to the output tangent (`None`: absorbed by a BatchNorm).
+    u: Option<Tensor>,
+    /// Data pointers of the value and the perturbed tangent handed on, to recognise them in
+    /// the next primitive.
+    out_ptrs: (usize, usize),
+    /// The unperturbed output tangent, kept while this is the latest point only.
+    clean: Option<Tensor>,
+}
+
+/// The perturbation points of one tangent pass, in the order they ran.
+#[derive(Debug, Default)]
+pub struct Tape {
+    points: Vec<Point>,
+    /// Whether the points keep their layers' inputs (only the pass whose local rules run
+    /// needs them; the other tangents' passes only contribute activity estimates).
+    keep_inputs: bool,
+}
+
+thread_local! {
+    static TAPE: RefCell<Option<Tape>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` with a fresh tape recording every tangent primitive it calls on this thread, and
+/// returns `f`'s result with the tape. Outside `record` the primitives are plain tangent layers.
+pub fn record<T>(f: impl FnOnce() -> T) -> (T, Tape) {
+    record_with(true, f)
+}
+
+/// [`record`], keeping the layers' inputs only if `keep_inputs` (a tape without them gives
+/// activities but cannot run [`Tape::local_rules`]).
+pub fn record_with<T>(keep_inputs: bool, f: impl FnOnce() -> T) -> (T, Tape) {
+    let fresh = Tape {
+        points: Vec::new(),
+        keep_inputs,
+    };
+    let previous = TAPE.with(|t| t.borrow_mut().replace(fresh));
+    let out = f();
+    let tape = TAPE.with(|t| std::mem::replace(&mut *t.borrow_mut(), previous));
+    (out, tape.unwrap_or_default())
+}
+
+fn ptrs((x, x_dot): &Dual) -> (usize, usize) {
+    (x.data_ptr() as usize, x_dot.data_ptr() as usize)
+}
+
+/// Hook for an affine primitive: when recording, perturbs `out`'s tangent and notes the point.
+fn affine(op: impl FnOnce() -> Op, input: Option<&Tensor>, out: Dual) -> Dual {
+    TAPE.with(|t| {
+        let mut tape = t.borrow_mut();
+        let Some(tape) = tape.as_mut() else {
+            return out;
+        };
+        let (z, z_dot) = out;
+        let u = z_dot.randn_like();
+        let perturbed = &z_dot + &u;
+        if let Some(last) = tape.points.last_mut() {
+            last.clean = None;
+        }
+        tape.points.push(Point {
+            op: op(),
+            input: input
+                .filter(|_| tape.keep_inputs)
+                .map(Tensor::shallow_clone),
+            u: Some(u),
+            out_ptrs: (z.data_ptr() as usize, perturbed.data_ptr() as usize),
+            clean: Some(z_dot),
+        });
+        (z, perturbed)
+    })
+}
+
+/// Linear primitive hook (see [`super::dual::linear`]).
+pub(crate) fn linear(layer: &nn::Linear, input: &Tensor, out: Dual) -> Dual {
+    let op = || Op::Linear {
+        ws: layer.ws.shallow_clone(),
+        bs: layer.bs.as_ref().map(Tensor::shallow_clone),
+    };
+    affine(op, Some(input), out)
+}
+
+/// Convolution primitive hook (see [`super::dual::conv`]).
+pub(crate) fn conv(layer: &nn::Conv2D, stride: i64, input: &Tensor, out: Dual) -> Dual {
+    let op = || Op::Conv {
+        ws: layer.ws.shallow_clone(),
+        bs: layer.bs.as_ref().map(Tensor::shallow_clone),
+        stride,
+        padding: layer.ws.size()[2] / 2,
+    };
+    affine(op, Some(input), out)
+}
+
+/// BatchNorm primitive hook: `compute` is the plain tangent BatchNorm. When recording and the
+/// input is the latest affine point's output, the BatchNorm reads that layer's unperturbed
+/// tangent and takes over its point.
+pub(crate) fn batch_norm(
+    layer: &nn::BatchNorm,
+    input: &Dual,
+    compute: impl Fn(&Dual) -> Dual,
+) -> Dual {
+    let source = TAPE.with(|t| {
+        let mut tape = t.borrow_mut();
+        let tape = tape.as_mut()?;
+        let index = tape.points.len().checked_sub(1)?;
+        let last = &mut tape.points[index];
+        let affine = !matches!(last.op, Op::Norm { .. });
+        if affine && last.out_ptrs == ptrs(input) {
+            let clean = last.clean.take()?;
+            last.u = None;
+            Some((index, clean))
+        } else {
+            None
+        }
+    });
+    let recording = TAPE.with(|t| t.borrow().is_some());
+    let (index, out) = match source {
+        Some((index, clean)) => (Some(index), compute(&(input.0.shallow_clone(), clean))),
+        None => (None, compute(input)),
+    };
+    if !recording {
+        return out;
+    }
+    let op = || Op::Norm {
+        ws: layer.ws.as_ref().map(Tensor::shallow_clone),
+        bs: layer.bs.as_ref().map(Tensor::shallow_clone),
+        source: index,
+    };
+    let input = index.is_none().then_some(&input.0);
+    affine(op, input, out)
+}
+
+/// Per-channel reduction dims of a BatchNorm input (`[B, C, H, W]` or `[B, C]`).
+fn norm_dims(x: &Tensor) -> &'static [i64] {
+    if x.dim() == 4 { &[0, 2, 3] } else { &[0] }
+}
+
+/// `[B]` reshaped to broadcast over a tensor of `dim` dimensions.
+fn per_sample(scale: &Tensor, dim: usize) -> Tensor {
+    let mut shape = vec![-1i64];
+    shape.resize(dim, 1);
+    scale.view(shape.as_slice())
+}
+
+impl Tape {
+    /// Number of perturbation points that carry a direction.
+    pub fn perturbed_points(&self) -> usize {
+        self.points.iter().filter(|p| p.u.is_some()).count()
+    }
+
+    /// The parameter gradient estimates of this pass, `(parameter, estimate)` for every
+    /// parameter a point reaches, for the mean cross-entropy (label smoothing `smoothing`) of
+    /// `logits` against `labels`: [`Tape::activities`] followed by [`Tape::local_rules`].
+    pub fn gradients(
+        mut self,
+        logits: &Dual,
+        labels: &Tensor,
+        smoothing: f64,
+    ) -> Vec<(Tensor, Tensor)> {
+        let activity = self.activities(logits, labels, smoothing);
+        self.local_rules(activity)
+    }
+
+    /// The activity gradient estimate at every point's output (`None` where a BatchNorm took
+    /// the point over), for the mean cross-entropy of `logits` against `labels` with label
+    /// smoothing `smoothing`.
+    ///
+    /// `logits = (z, ż)` is the pass's output. If the last point produced z, its tangent
+    /// perturbation is left out and it gets the exact output gradient; every other point gets
+    /// `ĝ_i = L̇_i · u_i / B` with `L̇_i` the per-sample loss tangent.
+    pub fn activities(
+        &mut self,
+        logits: &Dual,
+        labels: &Tensor,
+        smoothing: f64,
+    ) -> Vec<Option<Tensor>> {
+        let (z, z_dot) = logits;
+        let batch = z.size()[0];
+        let kind = z.kind();
+        let probs = z.softmax(-1, kind);
+        let classes = z.size()[1];
+        // The (label-smoothed) target: (1 − ε)·onehot + ε/C.
+        let target =
+            labels.one_hot(classes).to_kind(kind) * (1.0 - smoothing) + smoothing / classes as f64;
+        let output_grad = (probs - target) / batch as f64; // ∂L/∂z of the mean loss
+        // The output point, recognised by its tangent; its own direction is not part of L̇.
+        let exact_last = self
+            .points
+            .last()
+            .is_some_and(|p| p.u.is_some() && p.out_ptrs == ptrs(logits));
+        let clean_dot = if exact_last {
+            let last = self.points.last_mut().expect("a last point");
+            last.u = None;
+            last.clean
+                .take()
+                .expect("the latest point keeps its tangent")
+        } else {
+            z_dot.shallow_clone()
+        };
+        // B·∂L/∂z is sample i's own loss gradient, so Σ_c of it times ż is L̇_i.
+        let loss_dot = (&output_grad * &clean_dot).sum_dim_intlist(1, false, kind) * batch as f64;
+        let scale = loss_dot / batch as f64;
+        let last_index = self.points.len().wrapping_sub(1);
+        // Each direction is scaled in place: it is not needed afterwards, and this way the
+        // estimate costs no memory beyond the direction's own.
+        self.points
+            .iter_mut()
+            .enumerate()
+            .map(|(i, p)| {
+                if exact_last && i == last_index {
+                    Some(output_grad.shallow_clone())
+                } else {
+                    p.u.take().map(|mut u| {
+                        let _ = u.g_mul_(&per_sample(&scale, u.dim()));
+                        u
+                    })
+                }
+            })
+            .collect()
+    }
+
+    /// Every point's layer-local rule applied to its activity gradient `activity` (one entry
+    /// per point, as [`Tape::activities`] gives them; the rules are linear, so a sum of several
+    /// passes' activities gives the sum of their parameter estimates).
+    pub fn local_rules(self, mut activity: Vec<Option<Tensor>>) -> Vec<(Tensor, Tensor)> {
+        assert_eq!(activity.len(), self.points.len(), "one activity per point");
+        let mut out = Vec::new();
+        // Later points first, so a BatchNorm hands its input gradient to its source in time.
+        for i in (0..self.points.len()).rev() {
+            let Some(g) = activity[i].take() else {
+                continue;
+            };
+            let kind = g.kind();
+            let point = &self.points[i];
+            let input = || {
+                point
+                    .input
+                    .as_ref()
+                    .expect("local rules need a tape that keeps inputs")
+            };
+            match &point.op {
+                Op::Linear { ws, bs } => {
+                    let (fan_out, fan_in) = (ws.size()[0], ws.size()[1]);
+                    let g2 = g.reshape([-1, fan_out]);
+                    let x2 = input().reshape([-1, fan_in]);
+                    out.push((ws.shallow_clone(), g2.tr().matmul(&x2)));
+                    if let Some(b) = bs {
+                        out.push((b.shallow_clone(), g2.sum_dim_intlist(0, false, kind)));
+                    }
+                }
+                Op::Conv {
+                    ws,
+                    bs,
+                    stride,
+                    padding,
+                } => {
+                    let size = ws.size();
+                    let (o, k_h, k_w) = (size[0], size[2], size[3]);
+                    let x = input();
+                    let b = g.size()[0];
+                    let g3 = g.reshape([b, o, -1]);
+                    // im2col makes k_h·k_w copies of the input: a few samples at a time keep
+                    // that below about 4M elements.
+                    let per_sample_cols = x.numel() as i64 / b.max(1) * k_h * k_w;
+                    let chunk = (4_000_000 / per_sample_cols.max(1)).clamp(1, b);
+                    let mut w_grad = ws.zeros_like().reshape([o, -1]);
+                    let mut start = 0;
+                    while start < b {
+                        let n = chunk.min(b - start);
+                        let cols = x.narrow(0, start, n).im2col(
+                            [k_h, k_w],
+                            [1, 1],
+                            [*padding, *padding],
+                            [*stride, *stride],
+                        );
+                        let part = g3.narrow(0, start, n).matmul(&cols.transpose(1, 2));
+                        w_grad += part.sum_dim_intlist(0, false, kind);
+                        start += n;
+                    }
+                    out.push((ws.shallow_clone(), w_grad.reshape(size.as_slice())));
+                    if let Some(bias) = bs {
+                        let b_grad = g.sum_dim_intlist(&[0i64, 2, 3][..], false, kind);
+                        out.push((bias.shallow_clone(), b_grad));
+                    }
+                }
+                Op::Norm { ws, bs, source } => {
+                    // A BatchNorm that took over its source recomputes its input from the
+                    // source's (one layer forward) rather than keeping a second tensor.
+                    let recomputed = match source {
+                        Some(source) => {
+                            let from = &self.points[*source];
+                            let x = from.input.as_ref().expect("the source keeps its input");
+                            Some(match &from.op {
+                                Op::Linear { ws, bs } => x.linear(ws, bs.as_ref()),
+                                Op::Conv {
+                                    ws,
+                                    bs,
+                                    stride,
+                                    padding,
+                                } => x.conv2d(
+                                    ws,
+                                    bs.as_ref(),
+                                    [*stride, *stride],
+                                    [*padding, *padding],
+                                    [1, 1],
+                                    1,
+                                ),
+                                Op::Norm { .. } => unreachable!("a source is affine"),
+                            })
+                        }
+                        None => None,
+                    };
+                    let x = recomputed.as_ref().unwrap_or_else(input);
+                    let dims = norm_dims(x);
+                    let centred = x - x.mean_dim(dims, true, kind);
+                    let invstd = (centred.square().mean_dim(dims, true, kind) + BN_EPS).rsqrt();
+                    let x_hat = centred * &invstd;
+                    if let Some(gamma) = ws {
+                        let g_gamma = (&g * &x_hat).sum_dim_intlist(dims, false, kind);
+                        out.push((gamma.shallow_clone(), g_gamma));
+                    }
+                    if let Some(beta) = bs {
+                        out.push((beta.shallow_clone(), g.sum_dim_intlist(dims, false, kind)));
+                    }
+                    if let Some(source) = source {
+                        let scale = match ws {
+                            Some(gamma) => {
+                                let shape: Vec<i64> =
+                                    (0..x.dim()).map(|d| if d == 1 { -1 } else { 1 }).collect();
+                                gamma.view(shape.as_slice()) * &invstd
+                            }
+                            None => invstd,
+                        };
+                        let along = (&g * &x_hat).mean_dim(dims, true, kind);
+                        let g_x = (&g - g.mean_dim(dims, true, kind) - x_hat * along) * scale;
+                        activity[*source] = Some(g_x);
+                    }
+                }
+            }
+        }
+        out
+    }
+}

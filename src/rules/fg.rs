@@ -1,0 +1,255 @@
+//! Rule `fg`: local learning with forward gradients only (BP-free).
+//!
+//! Modules are gradient-isolated as in `dgl`, and module k learns from its local loss
+//! `L_k = CE(head_k(f_k(sg(h_{k-1}))), y)`, but no reverse pass runs: the step is computed
+//! under `no_grad` and nothing in it calls `backward`. For every module and each of the
+//! `--fg-tangents N` tangents, the module and its head run once in forward mode
+//! ([`crate::model::dual`]) with a perturbation tape recording ([`crate::model::perturb`]):
+//! every parameterised layer adds a Gaussian direction u to its output tangent, so the head's
+//! per-sample loss tangent is `L̇_i = Σ_p ∇_{z_p,i} L_i · u_{p,i}`, and each layer's activity
+//! gradient is estimated as
+//!
+//! ```text
+//! ĝ_{z,i} = L̇_i · u_i / B          (activity perturbation, per sample; E[ĝ] = ∇_z L)
+//! ĝ_θ     = local rule of the layer applied to ĝ_z  (outer product with its input, …)
+//! ```
+//!
+//! averaged over the N tangents. The logits' layer gets the exact output gradient
+//! `(softmax − onehot)/B` (known in closed form, no perturbation needed). Perturbation points
+//! are per *layer* (an affine layer together with the BatchNorm that follows it), not per
+//! block: the variance of the estimate grows with the number of perturbed features that share
+//! one loss tangent, and a per-layer point sits where the per-sample estimate is unbiased on
+//! layer-wise MLPs. See [`crate::model::perturb`] for where it is unbiased and where a
+//! BatchNorm after the point biases it.
+//!
+//! The directions come from libtorch's generator seeded from (run seed, global step, module,
+//! tangent), so a resumed run draws what an uninterrupted one draws.
+//!
+//! The value pass that moves BatchNorm running statistics and feeds the next module is one
+//! plain forward per module (under `no_grad`); the tangent passes never touch running
+//! statistics.
+use super::{Rule, StepContext, StepRecorder, StepStats};
+use crate::data::Batch;
+use crate::model::{SplitNet, perturb, with_seed};
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use tch::Tensor;
+
+/// Where the tangent directions come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum FgGuess {
+    /// Independent standard Gaussian directions at every perturbation point (strictly BP-free).
+    #[default]
+    Random,
+    /// Fournier et al.'s local guess: the gradient of a local loss, which needs a reverse pass.
+    Local,
+}
+
+/// Settings of rule `fg`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FgConfig {
+    /// Tangents N averaged per module and step.
+    pub tangents: usize,
+    /// Direction of the tangents.
+    pub guess: FgGuess,
+    /// Run seed, mixed with the step, module and tangent to seed each direction.
+    pub seed: u64,
+}
+
+impl Default for FgConfig {
+    fn default() -> Self {
+        FgConfig {
+            tangents: 1,
+            guess: FgGuess::Random,
+            seed: 0,
+        }
+    }
+}
+
+/// The seed of tangent `t` of module `k` at step `step` (SplitMix64 finaliser over the four).
+pub fn tangent_seed(seed: u64, step: usize, k: usize, t: usize) -> i64 {
+    let mut z = seed;
+    for part in [step as u64, k as u64, t as u64] {
+        z = z
+            .wrapping_add(0x9E37_79B9_7F4A_7C15)
+            .wrapping_add(part.wrapping_mul(0xD1B5_4A32_D192_ED03));
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+    }
+    (z >> 1) as i64
+}
+
+/// Forward-gradient local learning.
+pub struct Fg(pub FgConfig);
+
+/// Module `k` and its head in forward mode on `(x, 0)`: the logits and their tangent, which
+/// holds only what the perturbation points add.
+fn module_dual(net: &SplitNet, k: usize, x: &Tensor) -> (Tensor, Tensor) {
+    let mut h = (x.shallow_clone(), x.zeros_like());
+    for u in net.module_ranges()[k].clone() {
+        h = net.unit_forward_dual(u, &h);
+    }
+    net.head_logits_dual(k, &h)
+}
+
+/// The parameter gradient estimate of module `k` on input `x`, averaged over one tangent
+/// pass per seed in `seeds` (each pass's directions drawn from its seed), under `no_grad`.
+///
+/// The local rules are linear in the activity gradients and every pass sees the same layer
+/// inputs, so the passes' activity estimates are averaged first and the rules (the weight
+/// outer products) run once, not once per tangent.
+pub fn estimate(
+    net: &SplitNet,
+    k: usize,
+    x: &Tensor,
+    labels: &Tensor,
+    seeds: &[i64],
+) -> Vec<(Tensor, Tensor)> {
+    tch::no_grad(|| {
+        let mut first: Option<perturb::Tape> = None;
+        let mut sums: Vec<Option<Tensor>> = Vec::new();
+        for &seed in seeds {
+            // Only the first pass keeps the layer inputs its local rules will read.
+            let keep = first.is_none();
+            let (logits, mut tape) = with_seed(seed, || {
+                perturb::record_with(keep, || module_dual(net, k, x))
+            });
+            let activity = tape.activities(&logits, labels, net.spec.label_smoothing);
+            if first.is_none() {
+                first = Some(tape);
+                sums = activity;
+            } else {
+                for (sum, a) in sums.iter_mut().zip(activity) {
+                    if let (Some(sum), Some(a)) = (sum.as_mut(), a) {
+                        *sum += a;
+                    }
+                }
+            }
+        }
+        let scale = 1.0 / seeds.len().max(1) as f64;
+        let mean = sums.into_iter().map(|s| s.map(|s| s * scale)).collect();
+        first.map_or_else(Vec::new, |tape| tape.local_rules(mean))
+    })
+}
+
+/// The single-tangent estimate of module `k` on input `x` with directions drawn from `seed`.
+pub fn tangent_estimate(
+    net: &SplitNet,
+    k: usize,
+    x: &Tensor,
+    labels: &Tensor,
+    seed: i64,
+) -> Vec<(Tensor, Tensor)> {
+    estimate(net, k, x, labels, &[seed])
+}
+
+/// The first parameter of module `k` that the estimates `sums` (keyed by data pointer) do not
+/// reach, by name.
+fn unreached(net: &SplitNet, k: usize, sums: &HashMap<usize, (Tensor, Tensor)>) -> Option<String> {
+    net.module_variables(k, true)
+        .into_iter()
+        .find(|(_, p)| !sums.contains_key(&(p.data_ptr() as usize)))
+        .map(|(name, _)| name)
+}
+
+fn unreached_error(net: &SplitNet, name: &str) -> Error {
+    Error::Config(format!(
+        "--rule fg: parameter `{name}` of {} is not reached by any forward-gradient perturbation point (its layer has no fg local rule)",
+        net.spec.arch
+    ))
+}
+
+/// Checks, before a run starts, that every parameter of every module of `net` gets an estimate
+/// (every layer with parameters is built from the hooked tangent primitives), with one tangent
+/// pass per module on `batch` (only which parameters are reached matters, not the values).
+pub fn check_network(net: &SplitNet, batch: &crate::data::Batch) -> Result<()> {
+    let x = batch.images.to_device(net.device());
+    let labels = batch.labels.to_device(net.device());
+    net.with_frozen_buffers(|| {
+        let mut h = x;
+        for k in 0..net.num_modules() {
+            let sums: HashMap<usize, (Tensor, Tensor)> = estimate(net, k, &h, &labels, &[0])
+                .into_iter()
+                .map(|(p, g)| (p.data_ptr() as usize, (p, g)))
+                .collect();
+            if let Some(name) = unreached(net, k, &sums) {
+                return Err(unreached_error(net, &name));
+            }
+            h = tch::no_grad(|| net.forward_module(k, &h, true));
+        }
+        Ok(())
+    })
+}
+
+/// Gives every trainable parameter of `net` a gradient tensor if it has none yet.
+///
+/// Rust's libtorch bindings offer no way to attach a `.grad` to a tensor other than a backward
+/// pass, so the first time a parameter lacks one, its slot is made by a backward of `0·Σθ`:
+/// a graph of the parameters alone, touching no data. Once slots exist (after the first step
+/// of a run; the optimizer keeps them) this does nothing.
+pub fn ensure_grad_slots(net: &SplitNet) {
+    let missing: Vec<Tensor> = net
+        .vs
+        .trainable_variables()
+        .into_iter()
+        .filter(|t| !t.grad().defined())
+        .collect();
+    if missing.is_empty() {
+        return;
+    }
+    tch::with_grad(|| {
+        let zero = missing
+            .iter()
+            .map(|t| t.sum(t.kind()) * 0.0)
+            .reduce(|a, b| a + b)
+            .expect("at least one parameter");
+        zero.backward();
+    });
+}
+
+impl Rule for Fg {
+    fn step(&self, net: &SplitNet, batch: &Batch, at: &StepContext) -> Result<StepStats> {
+        let cfg = &self.0;
+        if cfg.guess != FgGuess::Random {
+            return Err(Error::Config(
+                "--fg-guess local needs a reverse pass, which --rule fg does not run".into(),
+            ));
+        }
+        let tangents = cfg.tangents.max(1);
+        ensure_grad_slots(net);
+        let modules = net.num_modules();
+        let labels = &batch.labels;
+        let mut record = StepRecorder::new(modules, labels.size()[0]);
+        let mut h = batch.images.shallow_clone();
+        for k in 0..modules {
+            let (h_out, logits) = tch::no_grad(|| {
+                let h_out = net.forward_module(k, &h, true);
+                let logits = net.head_logits(k, &h_out, true);
+                (h_out, logits)
+            });
+            let loss = net.loss(&logits, labels);
+            record.loss(&loss, &logits, labels, k + 1 == modules);
+            let seeds: Vec<i64> = (0..tangents)
+                .map(|t| tangent_seed(cfg.seed, at.global_step, k, t))
+                .collect();
+            let sums: HashMap<usize, (Tensor, Tensor)> = estimate(net, k, &h, labels, &seeds)
+                .into_iter()
+                .map(|(p, g)| (p.data_ptr() as usize, (p, g)))
+                .collect();
+            if let Some(name) = unreached(net, k, &sums) {
+                return Err(unreached_error(net, &name));
+            }
+            tch::no_grad(|| {
+                for (_, (p, g)) in sums {
+                    let _ = p.grad().g_add_(&g);
+                }
+            });
+            h = h_out;
+        }
+        Ok(record.finish())
+    }
+}

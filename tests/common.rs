@@ -20,21 +20,8 @@ pub fn tiny_net_with_head(
     double: bool,
     seed: i64,
 ) -> SplitNet {
-    tiny("resnet20", head, modules, (c, s), double, seed)
-}
-
-/// Network `arch` with `head` heads cut evenly into `modules` modules, on `c`x`s`x`s` inputs
-/// with 3 classes, drawn from `seed` (in f64 if `double`).
-fn tiny(
-    arch: &str,
-    head: HeadKind,
-    modules: usize,
-    (c, s): (i64, i64),
-    double: bool,
-    seed: i64,
-) -> SplitNet {
     tiny_with(
-        arch,
+        "resnet20",
         head,
         modules,
         (c, s),
@@ -44,7 +31,8 @@ fn tiny(
     )
 }
 
-/// [`tiny`] with network `options`.
+/// Network `arch` with `head` heads cut evenly into `modules` modules, on `c`x`s`x`s` inputs
+/// with 3 classes and network `options`, drawn from `seed` (in f64 if `double`).
 fn tiny_with(
     arch: &str,
     head: HeadKind,
@@ -197,13 +185,14 @@ pub fn tiny_mlp(
     double: bool,
     seed: i64,
 ) -> SplitNet {
-    tiny(
+    tiny_with(
         &format!("mlp-{depth}x{width}"),
         head,
         modules,
         (c, s),
         double,
         seed,
+        NetOptions::default(),
     )
 }
 

@@ -136,8 +136,10 @@ pub fn cross_entropy((logits, logits_dot): &Dual, labels: &Tensor, smoothing: f6
     // nll_loss(ż) = −mean_i ż_{i, y_i}; the uniform part is −ε·mean_i mean_c ż_ic.
     let mut tangent = (log_probs.exp() * logits_dot).sum(kind) / batch
         + logits_dot.nll_loss(labels) * (1.0 - smoothing);
+    // Out of place throughout: `-=` on a Tensor is an in-place op, which would corrupt a value
+    // autograd saved (these tangents are differentiated again by reverse mode).
     if smoothing != 0.0 {
-        tangent -= logits_dot.mean(kind) * smoothing;
+        tangent = tangent.g_sub(&(logits_dot.mean(kind) * smoothing));
     }
     (loss, tangent)
 }
@@ -160,15 +162,17 @@ pub fn layer_norm(layer: &nn::LayerNorm, (x, x_dot): &Dual) -> Dual {
     drop(centred);
     let mean_dot = x_dot.mean_dim(last, true, kind);
     let along_x_hat = (&x_hat * x_dot).mean_dim(last, true, kind);
-    let mut tangent = (x_dot - mean_dot - &x_hat * along_x_hat) * invstd;
-    let mut value = x_hat;
-    if let Some(g) = &layer.ws {
-        value *= g;
-        tangent *= g;
-    }
-    if let Some(b) = &layer.bs {
-        value += b;
-    }
+    let tangent = (x_dot - mean_dot - &x_hat * along_x_hat) * invstd;
+    // Out of place (`*=` on a Tensor is in place and would overwrite x̂, which reverse mode
+    // saved for the tangent's own gradient).
+    let (value, tangent) = match &layer.ws {
+        Some(g) => (&x_hat * g, tangent * g),
+        None => (x_hat, tangent),
+    };
+    let value = match &layer.bs {
+        Some(b) => value + b,
+        None => value,
+    };
     (value, tangent)
 }
 

@@ -51,7 +51,7 @@ pub fn conv_padded(layer: &nn::Conv2D, stride: i64, padding: i64, (x, x_dot): &D
         )
     };
     let out = (apply(x, layer.bs.as_ref()), apply(x_dot, None));
-    super::perturb::conv(layer, stride, x, out)
+    super::perturb::conv(layer, stride, padding, x, out)
 }
 
 /// Training-mode BatchNorm over `[B, C, H, W]` (per channel over B, H, W) or `[B, C]` (per

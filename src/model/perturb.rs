@@ -148,13 +148,20 @@ pub(crate) fn linear(layer: &nn::Linear, input: &Tensor, out: Dual) -> Dual {
     affine(op, Some(input), out)
 }
 
-/// Convolution primitive hook (see [`super::dual::conv`]).
-pub(crate) fn conv(layer: &nn::Conv2D, stride: i64, input: &Tensor, out: Dual) -> Dual {
+/// Convolution primitive hook (see [`super::dual::conv_padded`]), with the padding the
+/// convolution used, so the local weight rule unfolds the input the same way.
+pub(crate) fn conv(
+    layer: &nn::Conv2D,
+    stride: i64,
+    padding: i64,
+    input: &Tensor,
+    out: Dual,
+) -> Dual {
     let op = || Op::Conv {
         ws: layer.ws.shallow_clone(),
         bs: layer.bs.as_ref().map(Tensor::shallow_clone),
         stride,
-        padding: layer.ws.size()[2] / 2,
+        padding,
     };
     affine(op, Some(input), out)
 }

@@ -207,21 +207,6 @@ fn train(
     // exists.
     let ds = sgr::train::load_data(&cfg)?;
     sgr::train::check_model(&cfg, &ds)?;
-    // A network with a layer that rule fg cannot estimate fails before the folder exists too.
-    if cfg.rule == sgr::rules::RuleKind::Fg {
-        let net = sgr::train::build_net(&cfg, &ds)?;
-        let first = sgr::data::Batches::new(
-            &ds.train,
-            &ds.meta,
-            2,
-            sgr::data::Order::Sequential,
-            false,
-            net.device(),
-        )
-        .next()
-        .ok_or_else(|| anyhow::anyhow!("--data {}: the training split is empty", cfg.data))?;
-        sgr::rules::fg::check_network(&net, &first)?;
-    }
     // Fail on an unwritable folder before any training time is spent.
     std::fs::create_dir_all(out)
         .with_context(|| format!("cannot create run folder {}", out.display()))?;

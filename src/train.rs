@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use std::io::IsTerminal;
 use std::path::Path;
 use std::time::Instant;
-use tch::Tensor;
+use tch::{Device, Tensor};
 
 /// What a finished run reports (`summary.json`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -146,13 +146,33 @@ pub fn load_data(cfg: &TrainConfig) -> Result<Dataset> {
 }
 
 /// Builds `cfg`'s network for `ds` once on the CPU and drops it, so that what only a build can
-/// check (a patch size that does not divide the images, a head that cannot read the features)
-/// fails before a run folder is written.
+/// check (a patch size that does not divide the images, a head that cannot read the features,
+/// a layer that rule `fg` cannot estimate) fails before a run folder is written.
 pub fn check_model(cfg: &TrainConfig, ds: &Dataset) -> Result<()> {
+    let spec = model_spec_for(cfg, ds);
+    let net = crate::model::with_seed(cfg.seed as i64, || SplitNet::new(&spec, Device::Cpu))?;
+    if cfg.rule == rules::RuleKind::Fg {
+        let first = Batches::new(
+            &ds.train,
+            &ds.meta,
+            2,
+            Order::Sequential,
+            false,
+            Device::Cpu,
+        )
+        .next()
+        .ok_or_else(|| {
+            Error::Config(format!("--data {}: the training split is empty", cfg.data))
+        })?;
+        rules::fg::check_network(&net, &first)?;
+    }
+    Ok(())
+}
+
+/// The model `cfg` asks for on data `ds`.
+fn model_spec_for(cfg: &TrainConfig, ds: &Dataset) -> crate::model::ModelSpec {
     let input = FeatureShape::map(ds.meta.channels, ds.meta.height, ds.meta.width);
-    let spec = cfg.model_spec(input, ds.meta.classes);
-    let _guard = tch::no_grad_guard();
-    crate::model::with_seed(cfg.seed as i64, || SplitNet::new(&spec, tch::Device::Cpu)).map(drop)
+    cfg.model_spec(input, ds.meta.classes)
 }
 
 /// The options of `cfg` for reading a streamed set.
@@ -166,8 +186,7 @@ pub fn load_options(cfg: &TrainConfig) -> data::LoadOptions {
 
 /// Builds the network for `cfg` on data `ds` (seeding libtorch first).
 pub fn build_net(cfg: &TrainConfig, ds: &Dataset) -> Result<SplitNet> {
-    let input = FeatureShape::map(ds.meta.channels, ds.meta.height, ds.meta.width);
-    let spec = cfg.model_spec(input, ds.meta.classes);
+    let spec = model_spec_for(cfg, ds);
     let device = cfg.tch_device()?;
     crate::model::with_seed(cfg.seed as i64, || SplitNet::new(&spec, device))
 }

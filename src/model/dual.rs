@@ -120,18 +120,22 @@ pub fn linear(layer: &nn::Linear, (x, x_dot): &Dual) -> Dual {
     super::perturb::linear(layer, x, out)
 }
 
+/// Global average pool `[B, C, H, W] -> [B, C]` of one tensor (what the heads do to maps).
+pub fn pool_maps(t: &Tensor) -> Tensor {
+    t.mean_dim(&[2i64, 3][..], false, t.kind())
+}
+
 /// Global average pool `[B, C, H, W] -> [B, C]` of both.
 pub fn pool((x, x_dot): &Dual) -> Dual {
-    let mean = |t: &Tensor| t.mean_dim(&[2i64, 3][..], false, t.kind());
-    (mean(x), mean(x_dot))
+    (pool_maps(x), pool_maps(x_dot))
 }
 
 /// Mean cross-entropy with label smoothing ε and its tangent:
 /// `L̇ = mean_i Σ_c (p_ic − q_ic)·ż_ic`, p = softmax(z), q = (1 − ε)·onehot(y) + ε/C.
 pub fn cross_entropy((logits, logits_dot): &Dual, labels: &Tensor, smoothing: f64) -> Dual {
     let kind = logits.kind();
-    let loss = crate::rules::cross_entropy_smoothed(logits, labels, smoothing);
     let log_probs = logits.log_softmax(-1, kind);
+    let loss = crate::rules::smoothed_nll(&log_probs, labels, smoothing);
     let batch = logits.size()[0] as f64;
     // nll_loss(ż) = −mean_i ż_{i, y_i}; the uniform part is −ε·mean_i mean_c ż_ic.
     let mut tangent = (log_probs.exp() * logits_dot).sum(kind) / batch
@@ -200,14 +204,16 @@ pub fn add((a, a_dot): &Dual, (b, b_dot): &Dual) -> Dual {
     (a + b, a_dot + b_dot)
 }
 
-/// Token pooling `[B, T, D] -> [B, D]`: token 0 (`cls`) or the mean over tokens. Linear.
+/// Token pooling `[B, T, D] -> [B, D]` of one tensor: token 0 (`cls`) or the mean over tokens.
+pub fn pool_tokens(t: &Tensor, cls: bool) -> Tensor {
+    if cls {
+        t.select(1, 0)
+    } else {
+        t.mean_dim(&[1i64][..], false, t.kind())
+    }
+}
+
+/// [`pool_tokens`] of a value and its tangent (linear, so the tangent is pooled alike).
 pub fn token_pool((x, x_dot): &Dual, cls: bool) -> Dual {
-    let pool = |t: &Tensor| {
-        if cls {
-            t.select(1, 0)
-        } else {
-            t.mean_dim(&[1i64][..], false, t.kind())
-        }
-    };
-    (pool(x), pool(x_dot))
+    (pool_tokens(x, cls), pool_tokens(x_dot, cls))
 }

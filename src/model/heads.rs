@@ -62,15 +62,8 @@ impl Reader {
     fn read(&self, xs: &Tensor) -> Tensor {
         match self {
             Reader::Vector => xs.shallow_clone(),
-            Reader::Map => xs.mean_dim(&[2i64, 3][..], false, xs.kind()),
-            Reader::Tokens { norm, cls } => {
-                let pooled = if *cls {
-                    xs.select(1, 0)
-                } else {
-                    xs.mean_dim(&[1i64][..], false, xs.kind())
-                };
-                pooled.apply(norm)
-            }
+            Reader::Map => dual::pool_maps(xs),
+            Reader::Tokens { norm, cls } => dual::pool_tokens(xs, *cls).apply(norm),
         }
     }
 
@@ -224,12 +217,9 @@ fn block_heads(d: i64) -> i64 {
 impl ModuleT for Head {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
         match self {
-            Head::Conv { conv, bn, fc } => xs
-                .apply(conv)
-                .apply_t(bn, train)
-                .relu()
-                .mean_dim(&[2i64, 3][..], false, xs.kind())
-                .apply(fc),
+            Head::Conv { conv, bn, fc } => {
+                dual::pool_maps(&xs.apply(conv).apply_t(bn, train).relu()).apply(fc)
+            }
             Head::Linear { read, fc } => read.read(xs).apply(fc),
             Head::Mlp { read, fc1, fc2 } => read.read(xs).apply(fc1).relu().apply(fc2),
             Head::Block { block, read, fc } => read.read(&block.forward_t(xs, train)).apply(fc),

@@ -137,14 +137,18 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Tensor {
 /// [`cross_entropy`] with label smoothing ε: the target is `(1 − ε)·onehot + ε/C`, so the loss
 /// is `(1 − ε)·CE + ε·mean_c(−log p_c)` (PyTorch's `label_smoothing`).
 pub fn cross_entropy_smoothed(logits: &Tensor, labels: &Tensor, smoothing: f64) -> Tensor {
-    let log_probs = logits.log_softmax(-1, logits.kind());
+    smoothed_nll(&logits.log_softmax(-1, logits.kind()), labels, smoothing)
+}
+
+/// [`cross_entropy_smoothed`] from log-probabilities already computed (the tangent layer
+/// needs them too).
+pub(crate) fn smoothed_nll(log_probs: &Tensor, labels: &Tensor, smoothing: f64) -> Tensor {
     let nll = log_probs.nll_loss(labels);
     if smoothing == 0.0 {
         return nll;
     }
-    let uniform = -log_probs
-        .mean_dim(&[-1i64][..], false, logits.kind())
-        .mean(logits.kind());
+    let kind = log_probs.kind();
+    let uniform = -log_probs.mean_dim(&[-1i64][..], false, kind).mean(kind);
     nll * (1.0 - smoothing) + uniform * smoothing
 }
 

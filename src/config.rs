@@ -480,22 +480,46 @@ impl TrainConfig {
         if self.fg_tangents == 0 {
             return fail("fg-tangents", "must be at least 1");
         }
-        if self.rule == RuleKind::Fg && self.fg_guess == FgGuess::Local {
+        let rule = self.rule;
+        if rule.forward_gradient() && self.fg_guess == FgGuess::Local {
             return fail(
                 "fg-guess",
-                "local takes its guess from a reverse pass through the module, and --rule fg runs none (its module's target is that same local loss, so the guess would be the exact gradient: that is --rule dgl); use --fg-guess random",
+                &format!(
+                    "local takes its guess from a reverse pass through the module, and --rule {rule} runs none (its module's target is that same local loss, so the guess would be the exact gradient: that is --rule dgl); use --fg-guess random"
+                ),
             );
         }
-        if self.rule == RuleKind::Sgr && self.sgr_from > self.modules {
+        if rule == RuleKind::FgSgr {
+            if self.sgr_distance != SgrDistance::L2 {
+                return fail(
+                    "sgr-distance",
+                    "--rule fg-sgr supports l2 only: its penalty direction must be linear in the forward-gradient estimates to stay unbiased (a cosine puts them inside a nonlinearity)",
+                );
+            }
+            if self.sgr_side != SgrSide::Receiver {
+                return fail(
+                    "sgr-side",
+                    "--rule fg-sgr penalises the receiver side only (the sender side needs the next module's input gradient while the sending module still runs)",
+                );
+            }
+            if self.sgr_grad != SgrGrad::Exact {
+                return fail(
+                    "sgr-grad",
+                    "--rule fg-sgr estimates the penalty's gradient by nested forward mode; jvp and fd do not apply: leave --sgr-grad out",
+                );
+            }
+        }
+        if rule.reconciles() && self.sgr_from > self.modules {
             let fix = if self.modules < 2 {
-                "--rule sgr needs --modules 2 or more".to_string()
+                format!("--rule {rule} needs --modules 2 or more")
             } else {
                 format!("use a value in 2..={}, or --rule dgl", self.modules)
             };
+            let plain = if rule == RuleKind::Sgr { "dgl" } else { "fg" };
             return fail(
                 "sgr-from",
                 &format!(
-                    "{} is larger than --modules {}, so no module would be regularised (the run would be dgl under the name sgr); {fix}",
+                    "{} is larger than --modules {}, so no module would be regularised (the run would be {plain} under the name {rule}); {fix}",
                     self.sgr_from, self.modules
                 ),
             );

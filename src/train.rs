@@ -151,7 +151,7 @@ pub fn load_data(cfg: &TrainConfig) -> Result<Dataset> {
 pub fn check_model(cfg: &TrainConfig, ds: &Dataset) -> Result<()> {
     let spec = model_spec_for(cfg, ds);
     let net = crate::model::with_seed(cfg.seed as i64, || SplitNet::new(&spec, Device::Cpu))?;
-    if cfg.rule == rules::RuleKind::Fg {
+    if cfg.rule.forward_gradient() {
         let first = Batches::new(
             &ds.train,
             &ds.meta,

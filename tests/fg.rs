@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use tch::{Kind, Tensor};
 
 /// Module `k`'s input on `batch`: the previous modules' outputs, as the rule computes them.
-fn module_input(net: &SplitNet, batch: &Batch, k: usize) -> Tensor {
+pub(crate) fn module_input(net: &SplitNet, batch: &Batch, k: usize) -> Tensor {
     tch::no_grad(|| {
         net.with_frozen_buffers(|| {
             let mut h = batch.images.shallow_clone();
@@ -47,6 +47,19 @@ fn estimate_moments(
     labels: &Tensor,
     draws: usize,
 ) -> HashMap<String, (Tensor, Tensor)> {
+    moments_by_name(net, k, draws, |d| {
+        tangent_estimate(net, k, x, labels, tangent_seed(11, d, k, 0))
+    })
+}
+
+/// Sum and sum of squares, by parameter name, of the `(parameter, estimate)` lists `draw(d)`
+/// gives for `d` in `0..draws` (parameters of module `k`).
+pub(crate) fn moments_by_name(
+    net: &SplitNet,
+    k: usize,
+    draws: usize,
+    draw: impl Fn(usize) -> Vec<(Tensor, Tensor)>,
+) -> HashMap<String, (Tensor, Tensor)> {
     let names: HashMap<usize, String> = net
         .module_variables(k, true)
         .into_iter()
@@ -54,8 +67,7 @@ fn estimate_moments(
         .collect();
     let mut moments: HashMap<String, (Tensor, Tensor)> = HashMap::new();
     for d in 0..draws {
-        let estimate = tangent_estimate(net, k, x, labels, tangent_seed(11, d, k, 0));
-        for (p, g) in estimate {
+        for (p, g) in draw(d) {
             let name = names[&(p.data_ptr() as usize)].clone();
             let square = g.square();
             match moments.get_mut(&name) {
@@ -75,7 +87,7 @@ fn estimate_moments(
 /// `Σ (mean − exact)² / (var/M)` over the entries of the selected parameters (`select` by name)
 /// with its number of entries, from `M = draws` single-tangent estimates. For an unbiased
 /// estimate each term is asymptotically χ²₁, so the sum has mean d and sd √(2d).
-fn bias_statistic(
+pub(crate) fn bias_statistic(
     moments: &HashMap<String, (Tensor, Tensor)>,
     exact: &[(String, Tensor)],
     draws: usize,
@@ -213,7 +225,15 @@ fn fg_runs_no_reverse_pass() {
             tiny_batch(4, 1, 6, false, 4),
         ),
     ];
-    for (net, batch) in &nets {
+    // fg-sgr's penalty runs at every boundary from step 0 with λ = 1.
+    let sgr = SgrConfig {
+        lambda: 1.0,
+        ..Default::default()
+    };
+    for ((net, batch), kind) in nets
+        .iter()
+        .flat_map(|n| [(n, RuleKind::Fg), (n, RuleKind::FgSgr)])
+    {
         let names: Vec<String> = net
             .vs
             .variables()
@@ -221,7 +241,7 @@ fn fg_runs_no_reverse_pass() {
             .filter(|(_, t)| t.requires_grad())
             .map(|(n, _)| n)
             .collect();
-        let rule = rules::build_with(RuleKind::Fg, &SgrConfig::default(), &fg);
+        let rule = rules::build_with(kind, &sgr, &fg);
         let at = StepContext::at_step(3);
         // The first step gives every parameter its gradient slot (see `ensure_grad_slots`).
         net.with_frozen_buffers(|| rule.step(net, batch, &at).unwrap());
@@ -245,11 +265,11 @@ fn fg_runs_no_reverse_pass() {
             dgl_ran.is_err() || dgl_ran.unwrap().is_err(),
             "dgl stepped without autograd"
         );
-        assert_eq!(max_abs_diff(&free, &frozen_grads), 0.0);
+        assert_eq!(max_abs_diff(&free, &frozen_grads), 0.0, "{kind}");
         for (name, g) in &free {
             assert!(
                 g.abs().max().double_value(&[]) > 0.0,
-                "{name} got no gradient"
+                "{kind}: {name} got no gradient"
             );
         }
     }
@@ -273,11 +293,18 @@ fn tangents_depend_on_step_and_module_only_through_the_seed() {
 
 #[test]
 fn fg_resume_continues_exactly_like_an_uninterrupted_run() {
+    for rule in [RuleKind::Fg, RuleKind::FgSgr] {
+        resume_matches_uninterrupted(rule);
+    }
+}
+
+fn resume_matches_uninterrupted(rule: RuleKind) {
     let ds = data::synthetic::generate(3, 96, 32, 1, 8, 3);
     let mut cfg = TrainConfig {
         data: DatasetKind::Synthetic,
         model: "mlp-3x16".parse::<Arch>().unwrap(),
-        rule: RuleKind::Fg,
+        rule,
+        lambda: 1.0,
         modules: 3,
         split: SplitStrategy::Even,
         aux_head: HeadKind::Linear,
@@ -300,14 +327,14 @@ fn fg_resume_continues_exactly_like_an_uninterrupted_run() {
     sgr::train::run_with_data(&cfg, &ds, parts.path(), false, true).unwrap();
     cfg.epochs = 3;
     let b = sgr::train::run_with_data(&cfg, &ds, parts.path(), true, true).unwrap();
-    assert_eq!(a.test_accuracy, b.test_accuracy);
+    assert_eq!(a.test_accuracy, b.test_accuracy, "{rule}");
     let (va, ma, _) = sgr::checkpoint::load(&whole.path().join("checkpoint.safetensors")).unwrap();
     let (vb, mb, _) = sgr::checkpoint::load(&parts.path().join("checkpoint.safetensors")).unwrap();
     for (x, y) in [(&va, &vb), (&ma, &mb)] {
         assert_eq!(x.len(), y.len());
         for (name, t) in x {
             let d = (t - &y[name]).abs().max().double_value(&[]);
-            assert_eq!(d, 0.0, "{name} differs by {d}");
+            assert_eq!(d, 0.0, "{rule}: {name} differs by {d}");
         }
     }
 }
@@ -340,10 +367,23 @@ fn bad_fg_input_gives_one_clear_error_and_no_run_folder() {
         .iter()
         .map(|&a| if a == "mlp-2x8" { "vit-2x16h2" } else { a })
         .collect();
+    let fg_sgr: Vec<&str> = base
+        .iter()
+        .map(|&a| if a == "fg" { "fg-sgr" } else { a })
+        .collect();
     for (args, extra, needle) in [
         (&base[..], &["--fg-tangents", "0"][..], "--fg-tangents"),
         (&base[..], &["--fg-guess", "local"][..], "--fg-guess"),
         (&vit[..], &[][..], "norm"),
+        (&fg_sgr[..], &["--fg-guess", "local"][..], "--fg-guess"),
+        (
+            &fg_sgr[..],
+            &["--sgr-distance", "cosine"][..],
+            "--sgr-distance",
+        ),
+        (&fg_sgr[..], &["--sgr-side", "both"][..], "--sgr-side"),
+        (&fg_sgr[..], &["--sgr-grad", "jvp"][..], "--sgr-grad"),
+        (&fg_sgr[..], &["--sgr-from", "3"][..], "--sgr-from"),
     ] {
         let args: Vec<&str> = args.iter().chain(extra).copied().collect();
         let result = std::process::Command::new(env!("CARGO_BIN_EXE_sgr"))

@@ -3,6 +3,7 @@ mod bench;
 mod common;
 mod data;
 mod fg;
+mod fg_sgr;
 mod imagefolder;
 mod imagenet_resnet;
 mod model;

@@ -5,6 +5,7 @@
 //! classifier for the last module). All variables live in one `VarStore`, so a checkpoint is
 //! one file, and backbone names do not depend on K.
 pub mod dual;
+pub mod forward_ad;
 pub mod heads;
 pub mod mlp;
 pub mod network;

@@ -205,13 +205,30 @@ pub(crate) fn batch_norm(
     affine(op, input, out)
 }
 
+/// `∂L/∂z` of the mean (label-smoothed) cross-entropy L of logits `z` `[B, C]`, in closed form:
+/// `(softmax(z) − target) / B` with target `(1 − ε)·onehot + ε/C`.
+pub fn output_gradient(z: &Tensor, labels: &Tensor, smoothing: f64) -> Tensor {
+    let (batch, classes) = (z.size()[0], z.size()[1]);
+    let kind = z.kind();
+    let target =
+        labels.one_hot(classes).to_kind(kind) * (1.0 - smoothing) + smoothing / classes as f64;
+    (z.softmax(-1, kind) - target) / batch as f64
+}
+
+/// The tangent of every sample's *own* loss `L_i` along the logits' tangent, `[B]`:
+/// `L̇_i = Σ_c ∂L_i/∂z_ic · ż_ic` (B·∂L/∂z is sample i's own loss gradient).
+pub fn sample_loss_tangents((z, z_dot): &Dual, labels: &Tensor, smoothing: f64) -> Tensor {
+    let batch = z.size()[0] as f64;
+    (output_gradient(z, labels, smoothing) * z_dot).sum_dim_intlist(1, false, z.kind()) * batch
+}
+
 /// Per-channel reduction dims of a BatchNorm input (`[B, C, H, W]` or `[B, C]`).
 fn norm_dims(x: &Tensor) -> &'static [i64] {
     if x.dim() == 4 { &[0, 2, 3] } else { &[0] }
 }
 
 /// `[B]` reshaped to broadcast over a tensor of `dim` dimensions.
-fn per_sample(scale: &Tensor, dim: usize) -> Tensor {
+pub fn per_sample(scale: &Tensor, dim: usize) -> Tensor {
     let mut shape = vec![-1i64];
     shape.resize(dim, 1);
     scale.view(shape.as_slice())
@@ -252,12 +269,7 @@ impl Tape {
         let (z, z_dot) = logits;
         let batch = z.size()[0];
         let kind = z.kind();
-        let probs = z.softmax(-1, kind);
-        let classes = z.size()[1];
-        // The (label-smoothed) target: (1 − ε)·onehot + ε/C.
-        let target =
-            labels.one_hot(classes).to_kind(kind) * (1.0 - smoothing) + smoothing / classes as f64;
-        let output_grad = (probs - target) / batch as f64; // ∂L/∂z of the mean loss
+        let output_grad = output_gradient(z, labels, smoothing);
         // The output point, recognised by its tangent; its own direction is not part of L̇.
         let exact_last = self
             .points

@@ -11,6 +11,7 @@
 //! for a constant λ, and the split and auxiliary head of a one-module run.
 use super::load::{Run, Runs};
 use super::mean_std;
+use crate::rules::RuleKind;
 use serde_json::Value;
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet};
@@ -64,7 +65,9 @@ pub(super) fn rule_rank(rule: &str) -> usize {
         "bp" => 0,
         "dgl" => 1,
         "sgr" => 2,
-        _ => 3,
+        "fg" => 3,
+        "fg-sgr" => 4,
+        _ => 5,
     }
 }
 
@@ -92,10 +95,11 @@ fn canonicalize(f: &mut Fields) {
     for k in RUN_ONLY {
         f.remove(*k);
     }
-    if text(f, "rule") != Some("sgr") {
+    let rule = text(f, "rule").and_then(|r| <RuleKind as clap::ValueEnum>::from_str(r, false).ok());
+    if !rule.is_some_and(RuleKind::reconciles) {
         f.retain(|k, _| !sgr_only(k));
     }
-    if text(f, "rule") != Some("fg") {
+    if !rule.is_some_and(RuleKind::forward_gradient) {
         f.retain(|k, _| !fg_only(k));
     }
     if text(f, "sgr_grad") != Some("fd") {

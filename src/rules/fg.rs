@@ -30,6 +30,7 @@
 //! statistics.
 use super::{Rule, StepContext, StepRecorder, StepStats};
 use crate::data::Batch;
+use crate::model::dual::Dual;
 use crate::model::{SplitNet, perturb, with_seed};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -86,10 +87,10 @@ pub fn tangent_seed(seed: u64, step: usize, k: usize, t: usize) -> i64 {
 /// Forward-gradient local learning.
 pub struct Fg(pub FgConfig);
 
-/// Module `k` and its head in forward mode on `(x, 0)`: the logits and their tangent, which
-/// holds only what the perturbation points add.
-fn module_dual(net: &SplitNet, k: usize, x: &Tensor) -> (Tensor, Tensor) {
-    let mut h = (x.shallow_clone(), x.zeros_like());
+/// Module `k` and its head in forward mode on the pair `input`: the logits and their tangent.
+/// With a zero input tangent, the tangent holds only what the perturbation points add.
+pub fn module_dual(net: &SplitNet, k: usize, input: &Dual) -> Dual {
+    let mut h = (input.0.shallow_clone(), input.1.shallow_clone());
     for u in net.module_ranges()[k].clone() {
         h = net.unit_forward_dual(u, &h);
     }
@@ -116,7 +117,9 @@ pub fn estimate(
             // Only the first pass keeps the layer inputs its local rules will read.
             let keep = first.is_none();
             let (logits, mut tape) = with_seed(seed, || {
-                perturb::record_with(keep, || module_dual(net, k, x))
+                perturb::record_with(keep, || {
+                    module_dual(net, k, &(x.shallow_clone(), x.zeros_like()))
+                })
             });
             let activity = tape.activities(&logits, labels, net.spec.label_smoothing);
             if first.is_none() {
@@ -185,6 +188,29 @@ pub fn check_network(net: &SplitNet, batch: &crate::data::Batch) -> Result<()> {
     })
 }
 
+/// Adds module `k`'s parameter gradient estimates `(parameter, estimate)` to the parameters'
+/// gradients, after checking that every parameter of the module got one (a layer without an
+/// fg local rule is an error, not a parameter silently left untrained).
+pub(crate) fn add_estimates(
+    net: &SplitNet,
+    k: usize,
+    estimates: Vec<(Tensor, Tensor)>,
+) -> Result<()> {
+    let sums: HashMap<usize, (Tensor, Tensor)> = estimates
+        .into_iter()
+        .map(|(p, g)| (p.data_ptr() as usize, (p, g)))
+        .collect();
+    if let Some(name) = unreached(net, k, &sums) {
+        return Err(unreached_error(net, &name));
+    }
+    tch::no_grad(|| {
+        for (_, (p, g)) in sums {
+            let _ = p.grad().g_add_(&g);
+        }
+    });
+    Ok(())
+}
+
 /// Gives every trainable parameter of `net` a gradient tensor if it has none yet.
 ///
 /// Rust's libtorch bindings offer no way to attach a `.grad` to a tensor other than a backward
@@ -236,18 +262,7 @@ impl Rule for Fg {
             let seeds: Vec<i64> = (0..tangents)
                 .map(|t| tangent_seed(cfg.seed, at.global_step, k, t))
                 .collect();
-            let sums: HashMap<usize, (Tensor, Tensor)> = estimate(net, k, &h, labels, &seeds)
-                .into_iter()
-                .map(|(p, g)| (p.data_ptr() as usize, (p, g)))
-                .collect();
-            if let Some(name) = unreached(net, k, &sums) {
-                return Err(unreached_error(net, &name));
-            }
-            tch::no_grad(|| {
-                for (_, (p, g)) in sums {
-                    let _ = p.grad().g_add_(&g);
-                }
-            });
+            add_estimates(net, k, estimate(net, k, &h, labels, &seeds))?;
             h = h_out;
         }
         Ok(record.finish())

@@ -6,6 +6,7 @@
 pub mod bp;
 pub mod dgl;
 pub mod fg;
+pub mod fg_sgr;
 pub mod sgr;
 
 use crate::Result;
@@ -32,6 +33,9 @@ pub enum RuleKind {
     /// K gradient-isolated modules trained by their local losses with forward gradients only
     /// (activity perturbation; no reverse pass).
     Fg,
+    /// `fg` plus the SGR penalty, its gradient estimated by nested forward mode (no reverse
+    /// pass).
+    FgSgr,
 }
 
 impl RuleKind {
@@ -42,7 +46,19 @@ impl RuleKind {
             RuleKind::Dgl => "dgl",
             RuleKind::Sgr => "sgr",
             RuleKind::Fg => "fg",
+            RuleKind::FgSgr => "fg-sgr",
         }
+    }
+
+    /// Whether the rule reads the SGR settings (λ, its schedule, `--sgr-*`).
+    pub fn reconciles(self) -> bool {
+        matches!(self, RuleKind::Sgr | RuleKind::FgSgr)
+    }
+
+    /// Whether the rule trains with forward gradients only (reads `--fg-*`, runs no reverse
+    /// pass).
+    pub fn forward_gradient(self) -> bool {
+        matches!(self, RuleKind::Fg | RuleKind::FgSgr)
     }
 }
 
@@ -107,14 +123,18 @@ pub fn build(kind: RuleKind, sgr: &SgrConfig) -> Box<dyn Rule> {
     build_with(kind, sgr, &FgConfig::default())
 }
 
-/// Builds the rule `kind` with its settings: `sgr` for the SGR rule, `fg` for the forward-gradient
-/// rule.
+/// Builds the rule `kind` with its settings: `sgr` for the SGR rules, `fg` for the
+/// forward-gradient rules.
 pub fn build_with(kind: RuleKind, sgr: &SgrConfig, fg: &FgConfig) -> Box<dyn Rule> {
     match kind {
         RuleKind::Bp => Box::new(bp::Bp),
         RuleKind::Dgl => Box::new(dgl::Dgl),
         RuleKind::Sgr => Box::new(sgr::Sgr(sgr.clone())),
         RuleKind::Fg => Box::new(fg::Fg(fg.clone())),
+        RuleKind::FgSgr => Box::new(fg_sgr::FgSgr {
+            fg: fg.clone(),
+            sgr: sgr.clone(),
+        }),
     }
 }
 
@@ -122,7 +142,7 @@ pub fn build_with(kind: RuleKind, sgr: &SgrConfig, fg: &FgConfig) -> Box<dyn Rul
 /// (`None` for rules whose modules all cost what `dgl`'s do).
 pub fn penalty_cost(kind: RuleKind, sgr: &SgrConfig) -> Option<PenaltyCost> {
     match kind {
-        RuleKind::Bp | RuleKind::Dgl | RuleKind::Fg => None,
+        RuleKind::Bp | RuleKind::Dgl | RuleKind::Fg | RuleKind::FgSgr => None,
         RuleKind::Sgr => sgr.penalty_cost(),
     }
 }

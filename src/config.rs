@@ -213,6 +213,9 @@ config_fields! {
     fg_tangents: usize = 1;
     /// Tangent directions of --rule fg: random (Gaussian, strictly BP-free) or local (Fournier et al.'s local-loss guess, which needs a reverse pass) [default: random]
     fg_guess: FgGuess = FgGuess::Random;
+    /// Rules fg and fg-sgr run each tangent twice, the second pass regenerating its directions from their seed and applying every layer's rule as soon as the layer has run: the step holds one layer's tensors instead of the module's, for about twice the time (a switch; `--fg-recompute=false` turns it off) [default: false]
+    [arg(num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    fg_recompute: bool = false;
     /// Measure gradient discord every N steps (0 = never) [default: 50]
     diag_every: usize = 50;
     /// What to do on a NaN/Inf loss or gradient [default: stop]
@@ -594,6 +597,7 @@ impl TrainConfig {
             tangents: self.fg_tangents,
             guess: self.fg_guess,
             seed: self.seed,
+            recompute: self.fg_recompute,
         }
     }
 

@@ -5,7 +5,7 @@ use crate::common::*;
 use crate::fg::{bias_statistic, module_input, moments_by_name};
 use sgr::model::{HeadKind, SplitNet, TokenPool};
 use sgr::rules::cross_entropy;
-use sgr::rules::fg::{estimate, tangent_seed};
+use sgr::rules::fg::{estimate, estimate_with, tangent_seed};
 use sgr::rules::fg_sgr::{input_gradient, output_gradient, penalty_estimate};
 use std::collections::HashMap;
 use tch::{Kind, Tensor};
@@ -38,7 +38,7 @@ fn assert_nested_matches_central_difference(net: &SplitNet, k: usize, b: i64, c:
     let v = tch::no_grad(|| h.randn_like());
     let labels = &batch.labels;
     let seeds = [tangent_seed(5, 0, k, 0), tangent_seed(5, 0, k, 1)];
-    let nested = penalty_estimate(net, k, &h, &v, labels, &seeds);
+    let nested = penalty_estimate(net, k, &h, &v, labels, &seeds, false);
     let value = by_ptr(
         nested
             .iter()
@@ -137,7 +137,7 @@ fn penalty_estimate_is_unbiased_on_a_layer_wise_mlp() {
     let draws = 8_000;
     let moments = moments_by_name(&net, k, draws, |d| {
         let seed = tangent_seed(13, d, k, 0);
-        penalty_estimate(&net, k, &h, &v, &batch.labels, &[seed])
+        penalty_estimate(&net, k, &h, &v, &batch.labels, &[seed], false)
             .into_iter()
             .map(|(p, _, slope)| (p, slope))
             .collect()
@@ -206,4 +206,44 @@ fn boundary_gradient_estimates_are_unbiased_without_batch_mixing_and_biased_with
         stat > bound,
         "MLP input gradient shows no bias: {stat:.1} (bound {bound:.1})"
     );
+}
+
+#[test]
+fn recomputing_estimate_equals_the_tape_estimate() {
+    // Linear+BN points and a linear head; conv+BN points in ResNet blocks and a conv head;
+    // three tangents; plain and nested (the fg-sgr penalty's derivative).
+    let cases = [
+        (
+            tiny_mlp(3, 6, HeadKind::Linear, 3, (1, 3), true, 4),
+            tiny_batch(5, 1, 3, true, 8),
+        ),
+        (
+            tiny_net_with_head(HeadKind::Conv, 2, 1, 4, true, 5),
+            tiny_batch(3, 1, 4, true, 6),
+        ),
+    ];
+    for (net, batch) in &cases {
+        let labels = &batch.labels;
+        for k in 0..net.num_modules() {
+            let h = module_input(net, batch, k);
+            let seeds: Vec<i64> = (0..3).map(|t| tangent_seed(7, 2, k, t)).collect();
+            let kept = by_ptr(estimate(net, k, &h, labels, &seeds));
+            let recomputed = by_ptr(estimate_with(net, k, &h, labels, &seeds, true));
+            let err = max_rel(&recomputed, &kept);
+            assert!(
+                err < 1e-10,
+                "module {k}: recomputed estimate off by {err:e}"
+            );
+            let v = tch::no_grad(|| h.randn_like());
+            let slopes = |recompute| {
+                let list = penalty_estimate(net, k, &h, &v, labels, &seeds, recompute);
+                by_ptr(list.into_iter().map(|(p, _, d)| (p, d)).collect())
+            };
+            let err = max_rel(&slopes(true), &slopes(false));
+            assert!(
+                err < 1e-10,
+                "module {k}: recomputed derivative off by {err:e}"
+            );
+        }
+    }
 }

@@ -68,8 +68,12 @@ struct Point {
     /// The layer's input value (`None` where the tape does not keep inputs, and for a
     /// BatchNorm that took a point over: its input is recomputed from the source's).
     input: Option<Tensor>,
-    /// The direction added to the output tangent (`None`: absorbed by a BatchNorm).
+    /// The direction added to the output tangent (`None` when absorbed by a BatchNorm, and on
+    /// a counting tape, which keeps no directions).
     u: Option<Tensor>,
+    /// Whether the point's direction is its own (not absorbed by a BatchNorm, not the logits'
+    /// point whose exact gradient replaces it).
+    perturbed: bool,
     /// Data pointers of the value and the perturbed tangent handed on, to recognise them in
     /// the next primitive.
     out_ptrs: (usize, usize),
@@ -80,10 +84,53 @@ struct Point {
 /// The perturbation points of one tangent pass, in the order they ran.
 #[derive(Debug, Default)]
 pub struct Tape {
+    /// The points not yet applied (all of them, except on an applying tape).
     points: Vec<Point>,
-    /// Whether the points keep their layers' inputs (only the pass whose local rules run
-    /// needs them; the other tangents' passes only contribute activity estimates).
-    keep_inputs: bool,
+    /// Points already applied and dropped (an applying tape's); `points[0]` is point `applied`.
+    applied: usize,
+    mode: Mode,
+}
+
+/// What a tape keeps.
+#[derive(Debug)]
+enum Mode {
+    /// Every point, with its direction and, if `keep_inputs`, its layer's input, for
+    /// [`Tape::activities`] and [`Tape::local_rules`] at the end (only the pass whose local
+    /// rules run needs the inputs; the other tangents' passes only contribute activities).
+    Keep { keep_inputs: bool },
+    /// Nothing beyond the latest point's clean tangent: a first pass that only measures the
+    /// loss tangent ([`count`]).
+    Count,
+    /// A second pass with the same directions ([`apply`]): each point's local rule runs as soon
+    /// as no later primitive can take the point over, and the point is dropped.
+    Apply(Applying),
+}
+
+impl Default for Mode {
+    fn default() -> Self {
+        Mode::Keep { keep_inputs: true }
+    }
+}
+
+/// What an applying pass knows from its counting pass, and what it has summed so far.
+#[derive(Debug)]
+struct Applying {
+    /// `w·L̇_i/B` per sample: the factor of each direction.
+    scale: Tensor,
+    /// `w·∂L/∂z` of the logits, for the point that produced them.
+    output_grad: Tensor,
+    /// The index of that point, if one did.
+    exact_last: Option<usize>,
+    /// The parameter estimates of the points applied so far.
+    grads: Vec<(Tensor, Tensor)>,
+}
+
+/// What the counting pass of one tangent measured: see [`count`] and [`apply`].
+#[derive(Debug)]
+pub struct PassSummary {
+    scale: Tensor,
+    output_grad: Tensor,
+    exact_last: Option<usize>,
 }
 
 thread_local! {
@@ -99,9 +146,41 @@ pub fn record<T>(f: impl FnOnce() -> T) -> (T, Tape) {
 /// [`record`], keeping the layers' inputs only if `keep_inputs` (a tape without them gives
 /// activities but cannot run [`Tape::local_rules`]).
 pub fn record_with<T>(keep_inputs: bool, f: impl FnOnce() -> T) -> (T, Tape) {
+    run_with(Mode::Keep { keep_inputs }, f)
+}
+
+/// The first pass of the recomputing estimate: runs `f` with a tape that keeps nothing per
+/// point; [`Tape::summary`] then gives the loss tangent the second pass needs.
+pub fn count<T>(f: impl FnOnce() -> T) -> (T, Tape) {
+    run_with(Mode::Count, f)
+}
+
+/// The second pass of the recomputing estimate: runs `f`, which must draw the same directions
+/// as the counting pass that gave `summary` (same generator seed, same layers), applies every
+/// point's local rule as soon as the layer has run, with the activity `w·ĝ`, and returns `f`'s
+/// result with the parameter estimates. Only the latest point (and the affine layer a
+/// BatchNorm takes over) is alive at any time: one layer's tensors instead of the module's.
+pub fn apply<T>(summary: PassSummary, w: f64, f: impl FnOnce() -> T) -> (T, Vec<(Tensor, Tensor)>) {
+    let applying = Applying {
+        scale: summary.scale * w,
+        output_grad: summary.output_grad * w,
+        exact_last: summary.exact_last,
+        grads: Vec::new(),
+    };
+    let (out, mut tape) = run_with(Mode::Apply(applying), f);
+    tape.flush(true);
+    let grads = match tape.mode {
+        Mode::Apply(a) => a.grads,
+        _ => Vec::new(),
+    };
+    (out, grads)
+}
+
+fn run_with<T>(mode: Mode, f: impl FnOnce() -> T) -> (T, Tape) {
     let fresh = Tape {
         points: Vec::new(),
-        keep_inputs,
+        applied: 0,
+        mode,
     };
     let previous = TAPE.with(|t| t.borrow_mut().replace(fresh));
     let out = f();
@@ -126,15 +205,20 @@ fn affine(op: impl FnOnce() -> Op, input: Option<&Tensor>, out: Dual) -> Dual {
         if let Some(last) = tape.points.last_mut() {
             last.clean = None;
         }
+        let (keep_input, keep_u) = match tape.mode {
+            Mode::Keep { keep_inputs } => (keep_inputs, true),
+            Mode::Count => (false, false),
+            Mode::Apply(_) => (true, true),
+        };
         tape.points.push(Point {
             op: op(),
-            input: input
-                .filter(|_| tape.keep_inputs)
-                .map(Tensor::shallow_clone),
-            u: Some(u),
+            input: input.filter(|_| keep_input).map(Tensor::shallow_clone),
+            u: keep_u.then_some(u),
+            perturbed: true,
             out_ptrs: (z.data_ptr() as usize, perturbed.data_ptr() as usize),
             clean: Some(z_dot),
         });
+        tape.flush(false);
         (z, perturbed)
     })
 }
@@ -177,12 +261,14 @@ pub(crate) fn batch_norm(
     let source = TAPE.with(|t| {
         let mut tape = t.borrow_mut();
         let tape = tape.as_mut()?;
-        let index = tape.points.len().checked_sub(1)?;
-        let last = &mut tape.points[index];
+        let local = tape.points.len().checked_sub(1)?;
+        let index = tape.applied + local;
+        let last = &mut tape.points[local];
         let affine = !matches!(last.op, Op::Norm { .. });
         if affine && last.out_ptrs == ptrs(input) {
             let clean = last.clean.take()?;
             last.u = None;
+            last.perturbed = false;
             Some((index, clean))
         } else {
             None
@@ -237,7 +323,93 @@ pub fn per_sample(scale: &Tensor, dim: usize) -> Tensor {
 impl Tape {
     /// Number of perturbation points that carry a direction.
     pub fn perturbed_points(&self) -> usize {
-        self.points.iter().filter(|p| p.u.is_some()).count()
+        self.points.iter().filter(|p| p.perturbed).count()
+    }
+
+    /// What a counting pass measured, for [`apply`]: the loss tangent of the mean cross-entropy
+    /// (label smoothing `smoothing`) of `logits` against `labels`.
+    pub fn summary(mut self, logits: &Dual, labels: &Tensor, smoothing: f64) -> PassSummary {
+        let last = self.points.len().checked_sub(1);
+        let (output_grad, scale, exact_last) = self.loss_tangent(logits, labels, smoothing);
+        PassSummary {
+            scale,
+            output_grad,
+            exact_last: last.filter(|_| exact_last),
+        }
+    }
+
+    /// On an applying tape, runs the local rules of the points no later primitive can take
+    /// over (all of them if `all`), then drops those points. The latest point stays (a
+    /// BatchNorm may follow it), and so does the affine point a BatchNorm latest took over
+    /// (its rule needs the BatchNorm's activity).
+    fn flush(&mut self, all: bool) {
+        let Mode::Apply(applying) = &mut self.mode else {
+            return;
+        };
+        let keep = match self.points.last() {
+            _ if all => 0,
+            Some(Point {
+                op: Op::Norm {
+                    source: Some(_), ..
+                },
+                ..
+            }) => 2,
+            Some(_) => 1,
+            None => 0,
+        };
+        let ready = self.points.len().saturating_sub(keep);
+        if ready == 0 {
+            return;
+        }
+        let points: Vec<Point> = self.points.drain(..ready).collect();
+        let activity = points
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                if applying.exact_last == Some(self.applied + i) {
+                    Some(applying.output_grad.shallow_clone())
+                } else {
+                    let u = p.u.as_ref().filter(|_| p.perturbed)?;
+                    Some(u * per_sample(&applying.scale, u.dim()))
+                }
+            })
+            .collect();
+        applying
+            .grads
+            .extend(rules_of(&points, activity, self.applied));
+        self.applied += ready;
+    }
+
+    /// The per-sample loss tangent of this pass: `(∂L/∂z of the logits, L̇_i/B, whether the
+    /// last point produced the logits)`. That point's own direction is left out of L̇ (it gets
+    /// the exact output gradient instead) and it stops counting as perturbed.
+    fn loss_tangent(
+        &mut self,
+        logits: &Dual,
+        labels: &Tensor,
+        smoothing: f64,
+    ) -> (Tensor, Tensor, bool) {
+        let (z, z_dot) = logits;
+        let batch = z.size()[0];
+        let kind = z.kind();
+        let output_grad = output_gradient(z, labels, smoothing);
+        let exact_last = self
+            .points
+            .last()
+            .is_some_and(|p| p.perturbed && p.out_ptrs == ptrs(logits));
+        let clean_dot = if exact_last {
+            let last = self.points.last_mut().expect("a last point");
+            last.u = None;
+            last.perturbed = false;
+            last.clean
+                .take()
+                .expect("the latest point keeps its tangent")
+        } else {
+            z_dot.shallow_clone()
+        };
+        // B·∂L/∂z is sample i's own loss gradient, so Σ_c of it times ż is L̇_i.
+        let loss_dot = (&output_grad * &clean_dot).sum_dim_intlist(1, false, kind) * batch as f64;
+        (output_grad, loss_dot / batch as f64, exact_last)
     }
 
     /// The parameter gradient estimates of this pass, `(parameter, estimate)` for every
@@ -266,27 +438,7 @@ impl Tape {
         labels: &Tensor,
         smoothing: f64,
     ) -> Vec<Option<Tensor>> {
-        let (z, z_dot) = logits;
-        let batch = z.size()[0];
-        let kind = z.kind();
-        let output_grad = output_gradient(z, labels, smoothing);
-        // The output point, recognised by its tangent; its own direction is not part of L̇.
-        let exact_last = self
-            .points
-            .last()
-            .is_some_and(|p| p.u.is_some() && p.out_ptrs == ptrs(logits));
-        let clean_dot = if exact_last {
-            let last = self.points.last_mut().expect("a last point");
-            last.u = None;
-            last.clean
-                .take()
-                .expect("the latest point keeps its tangent")
-        } else {
-            z_dot.shallow_clone()
-        };
-        // B·∂L/∂z is sample i's own loss gradient, so Σ_c of it times ż is L̇_i.
-        let loss_dot = (&output_grad * &clean_dot).sum_dim_intlist(1, false, kind) * batch as f64;
-        let scale = loss_dot / batch as f64;
+        let (output_grad, scale, exact_last) = self.loss_tangent(logits, labels, smoothing);
         let last_index = self.points.len().wrapping_sub(1);
         // Each direction is scaled in place: it is not needed afterwards, and this way the
         // estimate costs no memory beyond the direction's own.
@@ -309,122 +461,132 @@ impl Tape {
     /// Every point's layer-local rule applied to its activity gradient `activity` (one entry
     /// per point, as [`Tape::activities`] gives them; the rules are linear, so a sum of several
     /// passes' activities gives the sum of their parameter estimates).
-    pub fn local_rules(self, mut activity: Vec<Option<Tensor>>) -> Vec<(Tensor, Tensor)> {
-        assert_eq!(activity.len(), self.points.len(), "one activity per point");
-        let mut out = Vec::new();
-        // Later points first, so a BatchNorm hands its input gradient to its source in time.
-        for i in (0..self.points.len()).rev() {
-            let Some(g) = activity[i].take() else {
-                continue;
-            };
-            let kind = g.kind();
-            let point = &self.points[i];
-            let input = || {
-                point
-                    .input
-                    .as_ref()
-                    .expect("local rules need a tape that keeps inputs")
-            };
-            match &point.op {
-                Op::Linear { ws, bs } => {
-                    let (fan_out, fan_in) = (ws.size()[0], ws.size()[1]);
-                    let g2 = g.reshape([-1, fan_out]);
-                    let x2 = input().reshape([-1, fan_in]);
-                    out.push((ws.shallow_clone(), g2.tr().matmul(&x2)));
-                    if let Some(b) = bs {
-                        out.push((b.shallow_clone(), g2.sum_dim_intlist(0, false, kind)));
-                    }
+    pub fn local_rules(self, activity: Vec<Option<Tensor>>) -> Vec<(Tensor, Tensor)> {
+        rules_of(&self.points, activity, self.applied)
+    }
+}
+
+/// The local rules of `points` (point `first` onwards) with their activities `activity`.
+/// A BatchNorm's source must be among `points`.
+fn rules_of(
+    points: &[Point],
+    mut activity: Vec<Option<Tensor>>,
+    first: usize,
+) -> Vec<(Tensor, Tensor)> {
+    assert_eq!(activity.len(), points.len(), "one activity per point");
+    let mut out = Vec::new();
+    // Later points first, so a BatchNorm hands its input gradient to its source in time.
+    for i in (0..points.len()).rev() {
+        let Some(g) = activity[i].take() else {
+            continue;
+        };
+        let kind = g.kind();
+        let point = &points[i];
+        let input = || {
+            point
+                .input
+                .as_ref()
+                .expect("local rules need a tape that keeps inputs")
+        };
+        match &point.op {
+            Op::Linear { ws, bs } => {
+                let (fan_out, fan_in) = (ws.size()[0], ws.size()[1]);
+                let g2 = g.reshape([-1, fan_out]);
+                let x2 = input().reshape([-1, fan_in]);
+                out.push((ws.shallow_clone(), g2.tr().matmul(&x2)));
+                if let Some(b) = bs {
+                    out.push((b.shallow_clone(), g2.sum_dim_intlist(0, false, kind)));
                 }
-                Op::Conv {
-                    ws,
-                    bs,
-                    stride,
-                    padding,
-                } => {
-                    let size = ws.size();
-                    let (o, k_h, k_w) = (size[0], size[2], size[3]);
-                    let x = input();
-                    let b = g.size()[0];
-                    let g3 = g.reshape([b, o, -1]);
-                    // im2col makes k_h·k_w copies of the input: a few samples at a time keep
-                    // that below about 4M elements.
-                    let per_sample_cols = x.numel() as i64 / b.max(1) * k_h * k_w;
-                    let chunk = (4_000_000 / per_sample_cols.max(1)).clamp(1, b);
-                    let mut w_grad = ws.zeros_like().reshape([o, -1]);
-                    let mut start = 0;
-                    while start < b {
-                        let n = chunk.min(b - start);
-                        let cols = x.narrow(0, start, n).im2col(
-                            [k_h, k_w],
-                            [1, 1],
-                            [*padding, *padding],
-                            [*stride, *stride],
-                        );
-                        let part = g3.narrow(0, start, n).matmul(&cols.transpose(1, 2));
-                        w_grad += part.sum_dim_intlist(0, false, kind);
-                        start += n;
-                    }
-                    out.push((ws.shallow_clone(), w_grad.reshape(size.as_slice())));
-                    if let Some(bias) = bs {
-                        let b_grad = g.sum_dim_intlist(&[0i64, 2, 3][..], false, kind);
-                        out.push((bias.shallow_clone(), b_grad));
-                    }
+            }
+            Op::Conv {
+                ws,
+                bs,
+                stride,
+                padding,
+            } => {
+                let size = ws.size();
+                let (o, k_h, k_w) = (size[0], size[2], size[3]);
+                let x = input();
+                let b = g.size()[0];
+                let g3 = g.reshape([b, o, -1]);
+                // im2col makes k_h·k_w copies of the input: a few samples at a time keep
+                // that below about 4M elements.
+                let per_sample_cols = x.numel() as i64 / b.max(1) * k_h * k_w;
+                let chunk = (4_000_000 / per_sample_cols.max(1)).clamp(1, b);
+                let mut w_grad = ws.zeros_like().reshape([o, -1]);
+                let mut start = 0;
+                while start < b {
+                    let n = chunk.min(b - start);
+                    let cols = x.narrow(0, start, n).im2col(
+                        [k_h, k_w],
+                        [1, 1],
+                        [*padding, *padding],
+                        [*stride, *stride],
+                    );
+                    let part = g3.narrow(0, start, n).matmul(&cols.transpose(1, 2));
+                    w_grad += part.sum_dim_intlist(0, false, kind);
+                    start += n;
                 }
-                Op::Norm { ws, bs, source } => {
-                    // A BatchNorm that took over its source recomputes its input from the
-                    // source's (one layer forward) rather than keeping a second tensor.
-                    let recomputed = match source {
-                        Some(source) => {
-                            let from = &self.points[*source];
-                            let x = from.input.as_ref().expect("the source keeps its input");
-                            Some(match &from.op {
-                                Op::Linear { ws, bs } => x.linear(ws, bs.as_ref()),
-                                Op::Conv {
-                                    ws,
-                                    bs,
-                                    stride,
-                                    padding,
-                                } => x.conv2d(
-                                    ws,
-                                    bs.as_ref(),
-                                    [*stride, *stride],
-                                    [*padding, *padding],
-                                    [1, 1],
-                                    1,
-                                ),
-                                Op::Norm { .. } => unreachable!("a source is affine"),
-                            })
+                out.push((ws.shallow_clone(), w_grad.reshape(size.as_slice())));
+                if let Some(bias) = bs {
+                    let b_grad = g.sum_dim_intlist(&[0i64, 2, 3][..], false, kind);
+                    out.push((bias.shallow_clone(), b_grad));
+                }
+            }
+            Op::Norm { ws, bs, source } => {
+                // A BatchNorm that took over its source recomputes its input from the
+                // source's (one layer forward) rather than keeping a second tensor.
+                let recomputed = match source {
+                    Some(source) => {
+                        let from = &points[*source - first];
+                        let x = from.input.as_ref().expect("the source keeps its input");
+                        Some(match &from.op {
+                            Op::Linear { ws, bs } => x.linear(ws, bs.as_ref()),
+                            Op::Conv {
+                                ws,
+                                bs,
+                                stride,
+                                padding,
+                            } => x.conv2d(
+                                ws,
+                                bs.as_ref(),
+                                [*stride, *stride],
+                                [*padding, *padding],
+                                [1, 1],
+                                1,
+                            ),
+                            Op::Norm { .. } => unreachable!("a source is affine"),
+                        })
+                    }
+                    None => None,
+                };
+                let x = recomputed.as_ref().unwrap_or_else(input);
+                let dims = norm_dims(x);
+                let centred = x - x.mean_dim(dims, true, kind);
+                let invstd = (centred.square().mean_dim(dims, true, kind) + BN_EPS).rsqrt();
+                let x_hat = centred * &invstd;
+                if let Some(gamma) = ws {
+                    let g_gamma = (&g * &x_hat).sum_dim_intlist(dims, false, kind);
+                    out.push((gamma.shallow_clone(), g_gamma));
+                }
+                if let Some(beta) = bs {
+                    out.push((beta.shallow_clone(), g.sum_dim_intlist(dims, false, kind)));
+                }
+                if let Some(source) = source {
+                    let scale = match ws {
+                        Some(gamma) => {
+                            let shape: Vec<i64> =
+                                (0..x.dim()).map(|d| if d == 1 { -1 } else { 1 }).collect();
+                            gamma.view(shape.as_slice()) * &invstd
                         }
-                        None => None,
+                        None => invstd,
                     };
-                    let x = recomputed.as_ref().unwrap_or_else(input);
-                    let dims = norm_dims(x);
-                    let centred = x - x.mean_dim(dims, true, kind);
-                    let invstd = (centred.square().mean_dim(dims, true, kind) + BN_EPS).rsqrt();
-                    let x_hat = centred * &invstd;
-                    if let Some(gamma) = ws {
-                        let g_gamma = (&g * &x_hat).sum_dim_intlist(dims, false, kind);
-                        out.push((gamma.shallow_clone(), g_gamma));
-                    }
-                    if let Some(beta) = bs {
-                        out.push((beta.shallow_clone(), g.sum_dim_intlist(dims, false, kind)));
-                    }
-                    if let Some(source) = source {
-                        let scale = match ws {
-                            Some(gamma) => {
-                                let shape: Vec<i64> =
-                                    (0..x.dim()).map(|d| if d == 1 { -1 } else { 1 }).collect();
-                                gamma.view(shape.as_slice()) * &invstd
-                            }
-                            None => invstd,
-                        };
-                        let along = (&g * &x_hat).mean_dim(dims, true, kind);
-                        let g_x = (&g - g.mean_dim(dims, true, kind) - x_hat * along) * scale;
-                        activity[*source] = Some(g_x);
-                    }
+                    let along = (&g * &x_hat).mean_dim(dims, true, kind);
+                    let g_x = (&g - g.mean_dim(dims, true, kind) - x_hat * along) * scale;
+                    activity[*source - first] = Some(g_x);
                 }
             }
         }
-        out
     }
+    out
 }

@@ -58,6 +58,10 @@ pub struct FgConfig {
     pub guess: FgGuess,
     /// Run seed, mixed with the step, module and tangent to seed each direction.
     pub seed: u64,
+    /// Run each tangent twice and apply every layer's rule as soon as it has run, keeping one
+    /// layer's tensors instead of the module's (see [`estimate_with`]).
+    #[serde(default)]
+    pub recompute: bool,
 }
 
 impl Default for FgConfig {
@@ -66,6 +70,7 @@ impl Default for FgConfig {
             tangents: 1,
             guess: FgGuess::Random,
             seed: 0,
+            recompute: false,
         }
     }
 }
@@ -136,6 +141,55 @@ pub fn estimate(
         let scale = 1.0 / seeds.len().max(1) as f64;
         let mean = sums.into_iter().map(|s| s.map(|s| s * scale)).collect();
         first.map_or_else(Vec::new, |tape| tape.local_rules(mean))
+    })
+}
+
+/// [`estimate`], or with `recompute` the same estimate in two passes per tangent that keep no
+/// layer's tensors beyond the layer running.
+///
+/// The tape of [`estimate`] keeps every perturbed layer's input and direction until the loss
+/// tangent is known at the end of the pass, about what autograd keeps for `dgl`. Recomputing,
+/// a first pass only measures the loss tangent ([`perturb::count`]), and a second pass with the
+/// same seed regenerates the same directions and applies each layer's rule as soon as the layer
+/// has run ([`perturb::apply`]): the estimate is the same (to rounding: the tangents are summed
+/// as parameter estimates rather than as activities), for two forward-mode passes per tangent
+/// and the rules once per tangent instead of once per step.
+pub fn estimate_with(
+    net: &SplitNet,
+    k: usize,
+    x: &Tensor,
+    labels: &Tensor,
+    seeds: &[i64],
+    recompute: bool,
+) -> Vec<(Tensor, Tensor)> {
+    if !recompute {
+        return estimate(net, k, x, labels, seeds);
+    }
+    tch::no_grad(|| {
+        let smoothing = net.spec.label_smoothing;
+        let zero = || (x.shallow_clone(), x.zeros_like());
+        let weight = 1.0 / seeds.len().max(1) as f64;
+        let mut sums: Vec<(Tensor, Tensor)> = Vec::new();
+        let mut index: HashMap<usize, usize> = HashMap::new();
+        for &seed in seeds {
+            let summary = with_seed(seed, || {
+                let (logits, tape) = perturb::count(|| module_dual(net, k, &zero()));
+                tape.summary(&logits, labels, smoothing)
+            });
+            let (_, grads) = with_seed(seed, || {
+                perturb::apply(summary, weight, || module_dual(net, k, &zero()))
+            });
+            for (p, g) in grads {
+                match index.get(&(p.data_ptr() as usize)) {
+                    Some(&i) => sums[i].1 += g,
+                    None => {
+                        index.insert(p.data_ptr() as usize, sums.len());
+                        sums.push((p, g));
+                    }
+                }
+            }
+        }
+        sums
     })
 }
 
@@ -262,7 +316,8 @@ impl Rule for Fg {
             let seeds: Vec<i64> = (0..tangents)
                 .map(|t| tangent_seed(cfg.seed, at.global_step, k, t))
                 .collect();
-            add_estimates(net, k, estimate(net, k, &h, labels, &seeds))?;
+            let estimates = estimate_with(net, k, &h, labels, &seeds, cfg.recompute);
+            add_estimates(net, k, estimates)?;
             h = h_out;
         }
         Ok(record.finish())

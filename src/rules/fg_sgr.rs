@@ -44,7 +44,7 @@
 //! N of module k-1's head (ĝ_prev), and the N tape passes at about twice `fg`'s cost (every op
 //! also computes its forward derivative). Memory: what `fg` keeps, plus the outer tangents of
 //! the tape's kept inputs.
-use super::fg::{FgConfig, FgGuess, add_estimates, ensure_grad_slots, estimate, tangent_seed};
+use super::fg::{FgConfig, FgGuess, add_estimates, ensure_grad_slots, estimate_with, tangent_seed};
 use super::{Rule, SgrConfig, StepContext, StepRecorder, StepStats};
 use crate::data::Batch;
 use crate::model::dual::Dual;
@@ -129,8 +129,9 @@ pub fn output_gradient(
 }
 
 /// Rule `fg`'s estimate G of module `k`'s parameter gradient at input `h` (one tape pass per
-/// seed) together with its derivative G' along `v` (nested forward mode):
-/// `(parameter, G, G')`, where `E[G'] = ∇_θ[(∂L_k/∂h)·v]` wherever `fg` is unbiased.
+/// seed; two with `recompute`, see [`super::fg::estimate_with`]) together with its derivative
+/// G' along `v` (nested forward mode): `(parameter, G, G')`, where
+/// `E[G'] = ∇_θ[(∂L_k/∂h)·v]` wherever `fg` is unbiased.
 pub fn penalty_estimate(
     net: &SplitNet,
     k: usize,
@@ -138,10 +139,11 @@ pub fn penalty_estimate(
     v: &Tensor,
     labels: &Tensor,
     seeds: &[i64],
+    recompute: bool,
 ) -> Vec<(Tensor, Tensor, Tensor)> {
     let level = DualLevel::enter();
     let x = tch::no_grad(|| level.make_dual(&h.detach(), &v.detach()));
-    estimate(net, k, &x, labels, seeds)
+    estimate_with(net, k, &x, labels, seeds, recompute)
         .into_iter()
         .map(|(p, g)| {
             let (value, slope) = level.unpack(&g);
@@ -185,12 +187,12 @@ impl Rule for FgSgr {
                     let diff = g_in - target;
                     record.penalty(k, &(diff.square().sum(diff.kind()) * b));
                     let v = diff * (2.0 * b);
-                    penalty_estimate(net, k, &h, &v, labels, &tape_seeds)
+                    penalty_estimate(net, k, &h, &v, labels, &tape_seeds, fg.recompute)
                         .into_iter()
                         .map(|(p, g, slope)| (p, g + slope * lambda))
                         .collect()
                 }
-                None => estimate(net, k, &h, labels, &tape_seeds),
+                None => estimate_with(net, k, &h, labels, &tape_seeds, fg.recompute),
             };
             add_estimates(net, k, estimates)?;
             let sends = active && k + 1 < modules && k + 2 >= sgr.from;

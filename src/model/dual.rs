@@ -177,7 +177,7 @@ pub fn layer_norm(layer: &nn::LayerNorm, (x, x_dot): &Dual) -> Dual {
         Some(b) => value + b,
         None => value,
     };
-    (value, tangent)
+    super::perturb::layer_norm(layer, x, (value, tangent))
 }
 
 /// GELU (exact, erf form): `ẏ = ẋ·(Φ(x) + x·φ(x))`, which is what `gelu_backward` computes

@@ -36,7 +36,7 @@
 //!
 //! Any tangent layer added later gets this for free if it is built from these primitives; a
 //! parameter no primitive reaches is reported by the rule rather than silently left untrained.
-use super::dual::{BN_EPS, Dual};
+use super::dual::{BN_EPS, Dual, LN_EPS};
 use std::cell::RefCell;
 use tch::{Tensor, nn};
 
@@ -58,6 +58,17 @@ enum Op {
         bs: Option<Tensor>,
         /// The affine point this BatchNorm normalises (its output gradient comes from here).
         source: Option<usize>,
+    },
+    /// LayerNorm over the last dimension (per sample and token: no batch mixing).
+    LayerNorm {
+        ws: Option<Tensor>,
+        bs: Option<Tensor>,
+    },
+    /// A ViT's token embedding: `[cls; tokens] + pos` (the class token and the position
+    /// embedding are parameters added to the patch tokens).
+    Embed {
+        cls: Option<Tensor>,
+        pos: Tensor,
     },
 }
 
@@ -250,6 +261,26 @@ pub(crate) fn conv(
     affine(op, Some(input), out)
 }
 
+/// LayerNorm primitive hook (see [`super::dual::layer_norm`]): a point at the normalised
+/// output, whose rule recomputes x̂ from the kept input.
+pub(crate) fn layer_norm(layer: &nn::LayerNorm, input: &Tensor, out: Dual) -> Dual {
+    let op = || Op::LayerNorm {
+        ws: layer.ws.as_ref().map(Tensor::shallow_clone),
+        bs: layer.bs.as_ref().map(Tensor::shallow_clone),
+    };
+    affine(op, Some(input), out)
+}
+
+/// Token-embedding hook (a ViT's `[cls; tokens] + pos`): a point at the embedded tokens,
+/// whose rule sums the activity over the batch (and takes its first token for `cls`).
+pub(crate) fn embedding(cls: Option<&Tensor>, pos: &Tensor, out: Dual) -> Dual {
+    let op = || Op::Embed {
+        cls: cls.map(Tensor::shallow_clone),
+        pos: pos.shallow_clone(),
+    };
+    affine(op, None, out)
+}
+
 /// BatchNorm primitive hook: `compute` is the plain tangent BatchNorm. When recording and the
 /// input is the latest affine point's output, the BatchNorm reads that layer's unperturbed
 /// tangent and takes over its point.
@@ -264,7 +295,7 @@ pub(crate) fn batch_norm(
         let local = tape.points.len().checked_sub(1)?;
         let index = tape.applied + local;
         let last = &mut tape.points[local];
-        let affine = !matches!(last.op, Op::Norm { .. });
+        let affine = matches!(last.op, Op::Linear { .. } | Op::Conv { .. });
         if affine && last.out_ptrs == ptrs(input) {
             let clean = last.clean.take()?;
             last.u = None;
@@ -533,6 +564,32 @@ fn rules_of(
                     out.push((bias.shallow_clone(), b_grad));
                 }
             }
+            Op::LayerNorm { ws, bs } => {
+                let x = input();
+                let last: &[i64] = &[-1];
+                let centred = x - x.mean_dim(last, true, kind);
+                let invstd = (centred.square().mean_dim(last, true, kind) + LN_EPS).rsqrt();
+                let x_hat = centred * invstd;
+                // Every dimension but the normalised one is summed over.
+                let dims: Vec<i64> = (0..g.dim() as i64 - 1).collect();
+                if let Some(gamma) = ws {
+                    let g_gamma = (&g * &x_hat).sum_dim_intlist(dims.as_slice(), false, kind);
+                    out.push((gamma.shallow_clone(), g_gamma));
+                }
+                if let Some(beta) = bs {
+                    let g_beta = g.sum_dim_intlist(dims.as_slice(), false, kind);
+                    out.push((beta.shallow_clone(), g_beta));
+                }
+            }
+            Op::Embed { cls, pos } => {
+                let summed = g.sum_dim_intlist(0, true, kind);
+                if let Some(cls) = cls {
+                    // A copy, not a view: callers sum estimates in place, and a view would
+                    // alias the position embedding's estimate.
+                    out.push((cls.shallow_clone(), summed.narrow(1, 0, 1).copy()));
+                }
+                out.push((pos.shallow_clone(), summed));
+            }
             Op::Norm { ws, bs, source } => {
                 // A BatchNorm that took over its source recomputes its input from the
                 // source's (one layer forward) rather than keeping a second tensor.
@@ -555,7 +612,7 @@ fn rules_of(
                                 [1, 1],
                                 1,
                             ),
-                            Op::Norm { .. } => unreachable!("a source is affine"),
+                            _ => unreachable!("a source is linear or conv"),
                         })
                     }
                     None => None,

@@ -184,7 +184,8 @@ impl ForwardDual for PatchEmbed {
             let still = Tensor::zeros([b, 1, d], (h_dot.kind(), h_dot.device()));
             h_dot = Tensor::cat(&[still, h_dot], 1);
         }
-        (h + &self.pos_embed, h_dot)
+        let out = (h + &self.pos_embed, h_dot);
+        super::perturb::embedding(self.cls_token.as_ref(), &self.pos_embed, out)
     }
 }
 

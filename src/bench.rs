@@ -27,7 +27,7 @@ pub struct BenchArgs {
     /// Input channels of the synthetic data.
     #[arg(long, default_value_t = 3)]
     pub channels: i64,
-    /// Input height and width of the synthetic data.
+    /// Input height and width of the synthetic data (`--image-size` sets it too).
     #[arg(long, default_value_t = 32)]
     pub size: i64,
     /// Classes of the synthetic data.
@@ -178,8 +178,23 @@ impl FromArgMatches for GridArgs {
             .remove_many::<usize>("modules")
             .map(|v| v.collect())
             .unwrap_or_default();
+        let size_typed = m.value_source("size") == Some(clap::parser::ValueSource::CommandLine);
         let options = TrainOptions::from_arg_matches_mut(m)?;
-        let bench = BenchArgs::from_arg_matches_mut(m)?;
+        let mut bench = BenchArgs::from_arg_matches_mut(m)?;
+        // `--image-size`, the side a streamed set is cropped to, is also the synthetic input's
+        // side, so an ImageNet-scale cell reads like the `sgr train` command it stands for.
+        if let Some(side) = options.image_size {
+            if size_typed && bench.size != side {
+                return Err(clap::Error::raw(
+                    clap::error::ErrorKind::ArgumentConflict,
+                    format!(
+                        "--size {} and --image-size {side} disagree: both set the side of the synthetic input; give one\n",
+                        bench.size
+                    ),
+                ));
+            }
+            bench.size = side;
+        }
         let GridOnly { repeats, json } = GridOnly::from_arg_matches_mut(m)?;
         Ok(GridArgs {
             rules,
@@ -558,6 +573,11 @@ pub fn run_compare(
     let mut cells = plan(&args.options, &args.rules, &args.modules, false)?;
     let defaults = serde_json::to_value(TrainConfig::default()).expect("config serialises");
     for cfg in &cells {
+        if cfg.modules > 1 && cfg.aux_head == crate::model::HeadKind::Imagenet {
+            return Err(Error::Config(
+                "sgr bench compare: the PyTorch reference has no --aux-head imagenet; use conv, linear, mlp or block".into(),
+            ));
+        }
         if cfg.split != SplitStrategy::Table {
             return Err(Error::Config(
                 "sgr bench compare: only --split table (the reference implements the split tables)"

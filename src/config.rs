@@ -134,7 +134,7 @@ config_fields! {
     modules: usize = 1;
     /// How units are divided among modules [default: table]
     split: SplitStrategy = SplitStrategy::Table;
-    /// Auxiliary head of modules 1..K-1 [default: conv on feature maps (ResNets), linear on vectors and tokens (MLPs, ViTs)]
+    /// Auxiliary head of modules 1..K-1: conv (DGL's), linear, mlp, block (ViTs) or imagenet (InfoPro's ImageNet head) [default: conv on feature maps (ResNets), linear on vectors and tokens (MLPs, ViTs)]
     aux_head: HeadKind = HeadKind::Conv;
     /// Epochs [default: 10]
     epochs: usize = 10;
@@ -442,11 +442,16 @@ impl TrainConfig {
         } else {
             "vectors"
         };
-        if self.modules > 1 && self.aux_head == HeadKind::Conv && !network.outputs_maps() {
+        let map_head = matches!(self.aux_head, HeadKind::Conv | HeadKind::Imagenet);
+        if self.modules > 1 && map_head && !network.outputs_maps() {
             return fail(
                 "aux-head",
                 &format!(
-                    "conv needs feature maps, but {} outputs {outputs}; use --aux-head linear or mlp",
+                    "{} needs feature maps, but {} outputs {outputs}; use --aux-head linear or mlp",
+                    serde_json::to_value(self.aux_head)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_string))
+                        .unwrap_or_default(),
                     self.model
                 ),
             );

@@ -259,6 +259,8 @@ pub fn measure(cell: &Cell) -> Result<Row> {
     })?;
     let mut opt = crate::train::build_optimizer(cfg, &net);
     let rule_impl = rules::build_with(cfg.rule, &cfg.sgr(), &cfg.fg());
+    let mut scaler = (cfg.precision == crate::precision::Precision::Fp16)
+        .then(crate::precision::LossScaler::default);
     let batch = Batch {
         images: Tensor::randn(
             [cfg.batch_size, bench.channels, bench.size, bench.size],
@@ -284,8 +286,15 @@ pub fn measure(cell: &Cell) -> Result<Row> {
         }
         let start = Instant::now();
         opt.zero_grad();
-        rule_impl.step(&net, &batch, &rules::StepContext::at_step(step))?;
-        opt.step(cfg.lr);
+        let at = rules::StepContext::at_step(step);
+        crate::train::run_step(cfg, &net, &*rule_impl, &batch, &at, &scaler)?;
+        // As in training: an fp16 overflow skips the update.
+        let update = scaler
+            .as_mut()
+            .is_none_or(|s| s.after_backward(&mut opt) == crate::precision::Verdict::Update);
+        if update {
+            opt.step(cfg.lr);
+        }
         sync();
         if step >= bench.warmup {
             times.push(start.elapsed().as_secs_f64() * 1e3);

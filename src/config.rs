@@ -226,6 +226,11 @@ config_fields! {
     /// Log and skip unreadable images of a streamed set instead of stopping (a switch) [default: false]
     [arg(num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     skip_bad_images: bool = false;
+    /// Precision of training steps: fp32, bf16 (autocast) or fp16 (autocast with dynamic loss scaling); evaluation stays fp32 [default: fp32]
+    precision: crate::precision::Precision = crate::precision::Precision::Fp32;
+    /// Keep the input batches and the convolution weights in channels-last (NHWC) memory layout (a switch) [default: false]
+    [arg(num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    channels_last: bool = false;
 }
 
 /// Fields that may differ from the saved config when a run is resumed (`epochs` only where
@@ -484,6 +489,15 @@ impl TrainConfig {
         }
         if self.fg_tangents == 0 {
             return fail("fg-tangents", "must be at least 1");
+        }
+        if self.rule == RuleKind::Fg && self.precision != crate::precision::Precision::Fp32 {
+            return fail(
+                "precision",
+                &format!(
+                    "{} is not available with --rule fg (its estimates come from tangents, not from a backward that loss scaling and autocast were checked on); use --precision fp32",
+                    self.precision
+                ),
+            );
         }
         if self.rule == RuleKind::Fg && self.fg_guess == FgGuess::Local {
             return fail(

@@ -211,6 +211,14 @@ impl Optimizer {
         }
     }
 
+    /// Multiplies every gradient by `factor` (one op on the flat buffer; fp16 loss scaling's
+    /// unscale, see [`crate::precision::LossScaler`]).
+    pub fn scale_grads(&mut self, factor: f64) {
+        self.gather_grads();
+        let _guard = tch::no_grad_guard();
+        let _ = self.flat_grads.g_mul_scalar_(factor);
+    }
+
     /// True if every gradient is finite.
     pub fn grads_finite(&mut self) -> bool {
         self.gather_grads();

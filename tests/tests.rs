@@ -6,6 +6,7 @@ mod fg;
 mod imagefolder;
 mod imagenet_resnet;
 mod model;
+mod precision;
 mod reference;
 mod reliability;
 mod report_study;

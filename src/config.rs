@@ -499,6 +499,12 @@ impl TrainConfig {
                 ),
             );
         }
+        if self.rule == RuleKind::Fg && self.channels_last {
+            return fail(
+                "channels-last",
+                "not available with --rule fg (its random tangents are drawn in memory order, so the layout would change the directions drawn for a seed)",
+            );
+        }
         if self.rule == RuleKind::Fg && self.fg_guess == FgGuess::Local {
             return fail(
                 "fg-guess",

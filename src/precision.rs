@@ -264,6 +264,34 @@ pub fn loss_logits(z: &Tensor) -> Tensor {
     }
 }
 
+/// Whether `t` is a 4-D tensor in channels-last (NHWC) memory layout: strides
+/// `[H·W·C, 1, W·C, C]` (a 1-wide dimension's stride does not matter, as in libtorch).
+pub fn is_channels_last(t: &Tensor) -> bool {
+    let (size, stride) = (t.size(), t.stride());
+    let [_, c, h, w] = size[..] else {
+        return false;
+    };
+    let expected = [h * w * c, 1, w * c, c];
+    (0..4).all(|d| size[d] == 1 || stride[d] == expected[d])
+}
+
+/// A channels-last copy of a 4-D tensor `[N, C, H, W]` (same values and shape, NHWC
+/// strides; what `x.contiguous(memory_format=torch.channels_last)` returns, which tch does not
+/// expose); other tensors are returned as they are.
+pub fn to_channels_last(t: &Tensor) -> Tensor {
+    let size = t.size();
+    let [n, c, h, w] = size[..] else {
+        return t.shallow_clone();
+    };
+    let mut out = Tensor::empty_strided(
+        [n, c, h, w],
+        [h * w * c, 1, w * c, c],
+        (t.kind(), t.device()),
+    );
+    tch::no_grad(|| out.copy_(t));
+    out
+}
+
 /// Initial loss scale (2^16, as GradScaler).
 pub const INIT_SCALE: f64 = 65536.0;
 /// Good steps in a row after which the scale doubles (GradScaler's default).

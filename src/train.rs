@@ -196,7 +196,12 @@ pub fn build_net(cfg: &TrainConfig, ds: &Dataset) -> Result<SplitNet> {
 /// clipped by its own gradient norm (its gradient is its own: the modules are isolated), and
 /// the whole network by one norm under `bp`.
 pub fn build_optimizer(cfg: &TrainConfig, net: &SplitNet) -> Optimizer {
-    let mut opt = Optimizer::new(&net.vs, cfg.optim(), &net.no_weight_decay());
+    let mut opt = Optimizer::with_layout(
+        &net.vs,
+        cfg.optim(),
+        &net.no_weight_decay(),
+        cfg.channels_last,
+    );
     if cfg.rule != rules::RuleKind::Bp {
         opt.set_clip_groups(|name| net.module_of_variable(name).unwrap_or(0));
     }
@@ -204,7 +209,9 @@ pub fn build_optimizer(cfg: &TrainConfig, net: &SplitNet) -> Optimizer {
 }
 
 /// One training step of `rule` at `cfg`'s precision: forward and backward inside a
-/// [`StepScope`] (autocast, and the fp16 loss scale of `scaler`), ended before the update.
+/// [`StepScope`] (autocast, and the fp16 loss scale of `scaler`), ended before the update;
+/// with `--channels-last` on a channels-last copy of the images (the convolution weights are
+/// channels-last views from [`build_optimizer`] on).
 pub fn run_step(
     cfg: &TrainConfig,
     net: &SplitNet,
@@ -215,6 +222,13 @@ pub fn run_step(
 ) -> Result<StepStats> {
     let scale = scaler.as_ref().map_or(1.0, |s| s.scale);
     let _scope = StepScope::new(cfg.precision, net.device(), scale)?;
+    if cfg.channels_last {
+        let batch = data::Batch {
+            images: crate::precision::to_channels_last(&batch.images),
+            labels: batch.labels.shallow_clone(),
+        };
+        return rule.step(net, &batch, at);
+    }
     rule.step(net, batch, at)
 }
 

@@ -195,6 +195,10 @@ fn bad_precision_input_is_one_clear_error_and_no_run_folder() {
             &["--rule", "fg", "--modules", "2", "--precision", "bf16"][..],
             "--precision: bf16 is not available with --rule fg",
         ),
+        (
+            &["--rule", "fg", "--modules", "2", "--channels-last"][..],
+            "--channels-last: not available with --rule fg",
+        ),
     ] {
         let out_ = std::process::Command::new(env!("CARGO_BIN_EXE_sgr"))
             .args(base)
@@ -209,5 +213,71 @@ fn bad_precision_input_is_one_clear_error_and_no_run_folder() {
         );
         crate::common::assert_no_panic(&err);
         assert!(!out.exists(), "{extra:?} left a run folder");
+    }
+}
+
+#[test]
+fn channels_last_steps_match_the_standard_layout() {
+    use sgr::config::TrainConfig;
+    use sgr::optim::Optimizer;
+    use sgr::precision::{is_channels_last, to_channels_last};
+    let batch = tiny_batch(6, 2, 8, true, 75);
+    let x = to_channels_last(&batch.images);
+    assert!(is_channels_last(&x) && !is_channels_last(&batch.images));
+    assert_eq!((&x - &batch.images).abs().max().double_value(&[]), 0.0);
+    for (rule, grad) in [
+        (RuleKind::Bp, SgrGrad::Exact),
+        (RuleKind::Dgl, SgrGrad::Exact),
+        (RuleKind::Sgr, SgrGrad::Exact),
+        (RuleKind::Sgr, SgrGrad::Jvp),
+    ] {
+        let cfg = |channels_last| TrainConfig {
+            rule,
+            modules: 3,
+            sgr_grad: grad,
+            channels_last,
+            ..Default::default()
+        };
+        let mut results = Vec::new();
+        for channels_last in [false, true] {
+            let cfg = cfg(channels_last);
+            let net = tiny_net(3, 2, 8, true, 76);
+            let mut opt =
+                Optimizer::with_layout(&net.vs, cfg.optim(), &net.no_weight_decay(), channels_last);
+            let convs: Vec<_> = net
+                .vs
+                .trainable_variables()
+                .into_iter()
+                .filter(|t| t.dim() == 4)
+                .collect();
+            assert!(!convs.is_empty());
+            // The weights are channels-last views exactly when asked for (among kernels whose
+            // two layouts differ: more than one input channel and wider than 1x1).
+            for w in convs.iter().filter(|w| w.size()[1] > 1 && w.size()[2] > 1) {
+                assert_eq!(is_channels_last(w), channels_last, "{:?}", w.size());
+            }
+            let rule_impl = rules::build_with(cfg.rule, &cfg.sgr(), &cfg.fg());
+            opt.zero_grad();
+            let at = rules::StepContext::at_step(0);
+            sgr::train::run_step(&cfg, &net, &*rule_impl, &batch, &at, &None).unwrap();
+            if channels_last {
+                // Gradients (views into the optimizer's buffer) and a convolution's output
+                // follow the layout.
+                for w in &convs {
+                    assert!(is_channels_last(&w.grad()), "{rule}: gradient layout");
+                }
+                let y = tch::no_grad(|| net.forward_unit(0, &x, false));
+                assert!(is_channels_last(&y), "{rule}: conv output layout");
+            }
+            opt.step(0.1);
+            results.push((flat_grads(&net), crate::common::values(&net)));
+        }
+        let err = rel_err(&results[1].0, &results[0].0);
+        assert!(err < 1e-10, "{rule} {grad:?}: gradients differ by {err:e}");
+        let moved = crate::common::max_abs_diff(&results[1].1, &results[0].1);
+        assert!(
+            moved < 1e-12,
+            "{rule} {grad:?}: updated values differ by {moved:e}"
+        );
     }
 }

@@ -723,3 +723,199 @@ pub fn compare_table(rows: &[CompareRow]) -> String {
         }),
     )
 }
+
+/// The flags of `sgr bench precision`: the network and step as `sgr train` takes them (the
+/// check sets `--rule`, `--sgr-grad` and `--precision` itself) and the synthetic input.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PrecisionArgs {
+    /// Training options of the step (model, K, batch size, device, λ, ...).
+    #[command(flatten)]
+    pub options: TrainOptions,
+    /// Input shape of the synthetic batch (steps and warm-up are not used).
+    #[command(flatten)]
+    pub bench: BenchArgs,
+    /// Print the rows as a JSON array.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// One row of `sgr bench precision`: one step's gradient at a reduced precision against the
+/// same step at fp32, from the same weights and batch.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PrecisionRow {
+    /// bf16 or fp16.
+    pub precision: crate::precision::Precision,
+    /// `dgl`, or `sgr` with its penalty gradient.
+    pub step: String,
+    /// ‖g − g_fp32‖ / ‖g_fp32‖ over every parameter gradient.
+    pub rel_err: f64,
+    /// The same for the penalty's share (sgr's gradient minus dgl's at each precision).
+    pub penalty_rel_err: Option<f64>,
+    /// The step's last-module loss at this precision and at fp32.
+    pub loss: [f64; 2],
+    /// fp16: the loss scale of the compared step. A step that overflows is redone from the
+    /// same weights at half the scale, as training would go on (GradScaler's first steps
+    /// often overflow at 2^16); 1 at bf16.
+    pub scale: f64,
+}
+
+/// One step of each of `dgl`, `sgr --sgr-grad exact` and `sgr --sgr-grad jvp` at fp32, bf16
+/// and fp16 (each from the same initial weights and synthetic batch, through
+/// [`crate::train::run_step`] and, for fp16, the loss scaler's unscale), compared with fp32.
+pub fn precision_check(args: &PrecisionArgs) -> Result<Vec<PrecisionRow>> {
+    use crate::precision::{LossScaler, Precision, Verdict};
+    use crate::rules::SgrGrad;
+    let options = args.options.folded();
+    for (given, flag) in [
+        (options.rule.is_some(), "rule"),
+        (options.sgr_grad.is_some(), "sgr-grad"),
+        (options.precision.is_some(), "precision"),
+    ] {
+        if given {
+            return Err(Error::Config(format!(
+                "sgr bench precision: --{flag} is set by the check itself (dgl, sgr exact and jvp, at fp32, bf16 and fp16); leave it out"
+            )));
+        }
+    }
+    let bench = &args.bench;
+    let input = FeatureShape::map(bench.channels, bench.size, bench.size);
+    let steps = [
+        ("dgl", RuleKind::Dgl, SgrGrad::Exact),
+        ("sgr exact", RuleKind::Sgr, SgrGrad::Exact),
+        ("sgr jvp", RuleKind::Sgr, SgrGrad::Jvp),
+    ];
+    // (gradient, loss, scale) of every step at every precision.
+    let mut results = Vec::new();
+    for precision in [Precision::Fp32, Precision::Bf16, Precision::Fp16] {
+        let mut row = Vec::new();
+        for (_, rule, grad) in steps {
+            let cfg = TrainConfig::resolve(
+                &TrainOptions {
+                    rule: Some(rule),
+                    sgr_grad: Some(grad),
+                    precision: Some(precision),
+                    data: Some(DatasetKind::Synthetic),
+                    modules: Some(options.modules.unwrap_or(3)),
+                    ..options.clone()
+                },
+                None,
+                None,
+            )?;
+            if cfg.threads > 0 {
+                tch::set_num_threads(cfg.threads as i32);
+            }
+            let device = cfg.tch_device()?;
+            let net = crate::model::with_seed(cfg.seed as i64, || {
+                SplitNet::new(&cfg.model_spec(input, bench.classes), device)
+            })?;
+            let batch = crate::model::with_seed(cfg.seed as i64 + 1, || Batch {
+                images: Tensor::randn(
+                    [cfg.batch_size, bench.channels, bench.size, bench.size],
+                    (Kind::Float, Device::Cpu),
+                )
+                .to_device(device),
+                labels: Tensor::randint(
+                    bench.classes,
+                    [cfg.batch_size],
+                    (Kind::Int64, Device::Cpu),
+                )
+                .to_device(device),
+            });
+            let mut opt = crate::train::build_optimizer(&cfg, &net);
+            let mut scaler = (precision == Precision::Fp16).then(LossScaler::default);
+            let rule_impl = rules::build_with(cfg.rule, &cfg.sgr(), &cfg.fg());
+            let at = rules::StepContext::at_step(0);
+            // The step changes nothing but gradients (and running statistics, restored), so
+            // an overflowing fp16 step is redone at the halved scale.
+            let (stats, scale) = loop {
+                opt.zero_grad();
+                let scale = scaler.as_ref().map_or(1.0, |s| s.scale);
+                let stats = net.with_frozen_buffers(|| {
+                    crate::train::run_step(&cfg, &net, &*rule_impl, &batch, &at, &scaler)
+                })?;
+                match scaler.as_mut().map(|s| s.after_backward(&mut opt)) {
+                    Some(Verdict::Skip) => continue,
+                    Some(Verdict::Diverged) => {
+                        return Err(Error::NonFinite(format!(
+                            "sgr bench precision: the fp16 {} step is not finite even at loss scale 1",
+                            cfg.rule
+                        )));
+                    }
+                    _ => break (stats, scale),
+                }
+            };
+            let named = net.vs.variables();
+            let mut names: Vec<&String> = named
+                .iter()
+                .filter(|(_, t)| t.requires_grad())
+                .map(|(n, _)| n)
+                .collect();
+            names.sort();
+            let flat = Tensor::cat(
+                &names
+                    .iter()
+                    .map(|n| {
+                        let t = &named[*n];
+                        let g = t.grad();
+                        if g.defined() {
+                            g.reshape([-1])
+                        } else {
+                            t.zeros_like().reshape([-1])
+                        }
+                        .to_kind(Kind::Double)
+                        .to_device(Device::Cpu)
+                    })
+                    .collect::<Vec<_>>(),
+                0,
+            );
+            row.push((flat, stats.loss(), scale));
+        }
+        results.push((precision, row));
+    }
+    let rel = |a: &Tensor, b: &Tensor| {
+        (a - b).norm().double_value(&[]) / b.norm().double_value(&[]).max(1e-300)
+    };
+    let (_, fp32) = &results[0];
+    let mut rows = Vec::new();
+    for (precision, row) in &results[1..] {
+        for (i, (name, _, _)) in steps.iter().enumerate() {
+            let (g, loss, scale) = &row[i];
+            let penalty_rel_err =
+                (i > 0).then(|| rel(&(g - &row[0].0), &(&fp32[i].0 - &fp32[0].0)));
+            rows.push(PrecisionRow {
+                precision: *precision,
+                step: name.to_string(),
+                rel_err: rel(g, &fp32[i].0),
+                penalty_rel_err,
+                loss: [*loss, fp32[i].1],
+                scale: *scale,
+            });
+        }
+    }
+    Ok(rows)
+}
+
+/// Renders `sgr bench precision` rows as a Markdown table.
+pub fn precision_table(rows: &[PrecisionRow]) -> String {
+    let header = [
+        "precision",
+        "step",
+        "gradient rel. error vs fp32",
+        "penalty part rel. error",
+        "loss (fp32)",
+        "loss scale",
+    ];
+    markdown(
+        &header,
+        rows.iter().map(|r| {
+            vec![
+                r.precision.to_string(),
+                r.step.clone(),
+                format!("{:.3}", r.rel_err),
+                r.penalty_rel_err.map_or("-".into(), |e| format!("{e:.3}")),
+                format!("{:.4} ({:.4})", r.loss[0], r.loss[1]),
+                format!("{}", r.scale),
+            ]
+        }),
+    )
+}

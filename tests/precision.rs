@@ -281,3 +281,69 @@ fn channels_last_steps_match_the_standard_layout() {
         );
     }
 }
+
+#[test]
+fn bench_precision_compares_every_step_with_fp32() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sgr"))
+        .args([
+            "bench",
+            "precision",
+            "--model",
+            "resnet20",
+            "--batch-size",
+            "8",
+            "--channels",
+            "1",
+            "--size",
+            "8",
+            "--modules",
+            "2",
+            "--threads",
+            "1",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let cells: Vec<(&str, &str)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["precision"].as_str().unwrap(),
+                r["step"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        cells,
+        [
+            ("bf16", "dgl"),
+            ("bf16", "sgr exact"),
+            ("bf16", "sgr jvp"),
+            ("fp16", "dgl"),
+            ("fp16", "sgr exact"),
+            ("fp16", "sgr jvp"),
+        ]
+    );
+    for r in &rows {
+        let err = r["rel_err"].as_f64().unwrap();
+        // Non-zero (autocast ran) and within what autocast does to a step (see the test above).
+        assert!(err > 0.0 && err < 0.5, "{r}");
+        assert_eq!(r["penalty_rel_err"].is_null(), r["step"] == "dgl", "{r}");
+    }
+    let e = crate::common::text(
+        &std::process::Command::new(env!("CARGO_BIN_EXE_sgr"))
+            .args(["bench", "precision", "--precision", "fp16"])
+            .output()
+            .unwrap(),
+    );
+    assert!(
+        e.contains("error: sgr bench precision: --precision is set by the check"),
+        "{e}"
+    );
+}

@@ -101,6 +101,8 @@ const NOT_MIRRORED_BY_REFERENCE: &[&str] = &[
     "clip_grad_norm",
     "patch_size",
     "token_pool",
+    "precision",
+    "channels_last",
 ];
 
 /// The arguments of `sgr bench memory|step|compare`: every `sgr train` option, with `--rule`

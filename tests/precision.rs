@@ -346,4 +346,18 @@ fn bench_precision_compares_every_step_with_fp32() {
         e.contains("error: sgr bench precision: --precision is set by the check"),
         "{e}"
     );
+    // The PyTorch reference of `bench compare` runs fp32 in the standard layout only.
+    for flag in [&["--precision", "bf16"][..], &["--channels-last"][..]] {
+        let e = crate::common::text(
+            &std::process::Command::new(env!("CARGO_BIN_EXE_sgr"))
+                .args(["bench", "compare", "--rule", "dgl", "--modules", "2"])
+                .args(flag)
+                .output()
+                .unwrap(),
+        );
+        assert!(
+            e.contains("error: sgr bench compare: the PyTorch reference has no --"),
+            "{flag:?}: {e}"
+        );
+    }
 }

@@ -43,6 +43,22 @@ timeout 120 $S bench step --device cuda --model vit-tiny --aux-head linear --bat
   --rule dgl,sgr --steps 10 --warmup 3 --json > "$OUT/step-vit-tiny-cuda.json"
 echo "rc=$?"; cat "$OUT/step-vit-tiny-cuda.json"
 
+log "1d. mixed precision on CUDA: one step of dgl, sgr exact and sgr jvp at bf16 and fp16 (autocast; fp16 loss-scaled) against fp32, same weights and batch (CPU reference: README, Mixed precision)"
+timeout 120 $S bench precision --device cuda --model resnet20 --batch-size 64 --channels 3 --size 32 \
+  --modules 4 --json > "$OUT/precision-cuda.json"
+echo "rc=$?"; cat "$OUT/precision-cuda.json"
+for p in bf16 fp16; do
+  for grad in exact jvp; do
+    timeout 60 $S train --data fashion-mnist --data-dir gpu/data --model resnet20 --rule sgr --modules 4 \
+      --epochs 1 --train-subset 2560 --test-subset 1000 --max-steps-per-epoch 20 --device cuda \
+      --precision $p --sgr-grad $grad --channels-last --out "$RUNS/amp-$p-$grad" --quiet
+    echo "rc=$? $p $grad (compare with check 1's cuda line)"; tail -n 1 "$RUNS/amp-$p-$grad/metrics.jsonl"
+  done
+done
+timeout 120 $S bench step --device cuda --model resnet32 --batch-size 128 --modules 4 --rule dgl,sgr \
+  --precision bf16 --channels-last --steps 20 --warmup 5 --json > "$OUT/step-cuda-bf16-cl.json"
+echo "rc=$?"; cat "$OUT/step-cuda-bf16-cl.json"
+
 log "2. step time and GPU memory per rule and K"
 timeout 120 $S bench step --device cuda --model resnet32 --batch-size 128 --modules 4,8,16 \
   --rule dgl,sgr --steps 20 --warmup 5 --repeats 2 --json > "$OUT/step-cuda.json"

@@ -27,7 +27,7 @@ pub struct BenchArgs {
     /// Input channels of the synthetic data.
     #[arg(long, default_value_t = 3)]
     pub channels: i64,
-    /// Input height and width of the synthetic data.
+    /// Input height and width of the synthetic data (`--image-size` sets it too).
     #[arg(long, default_value_t = 32)]
     pub size: i64,
     /// Classes of the synthetic data.
@@ -101,6 +101,8 @@ const NOT_MIRRORED_BY_REFERENCE: &[&str] = &[
     "clip_grad_norm",
     "patch_size",
     "token_pool",
+    "precision",
+    "channels_last",
 ];
 
 /// The arguments of `sgr bench memory|step|compare`: every `sgr train` option, with `--rule`
@@ -178,8 +180,23 @@ impl FromArgMatches for GridArgs {
             .remove_many::<usize>("modules")
             .map(|v| v.collect())
             .unwrap_or_default();
+        let size_typed = m.value_source("size") == Some(clap::parser::ValueSource::CommandLine);
         let options = TrainOptions::from_arg_matches_mut(m)?;
-        let bench = BenchArgs::from_arg_matches_mut(m)?;
+        let mut bench = BenchArgs::from_arg_matches_mut(m)?;
+        // `--image-size`, the side a streamed set is cropped to, is also the synthetic input's
+        // side, so an ImageNet-scale cell reads like the `sgr train` command it stands for.
+        if let Some(side) = options.image_size {
+            if size_typed && bench.size != side {
+                return Err(clap::Error::raw(
+                    clap::error::ErrorKind::ArgumentConflict,
+                    format!(
+                        "--size {} and --image-size {side} disagree: both set the side of the synthetic input; give one\n",
+                        bench.size
+                    ),
+                ));
+            }
+            bench.size = side;
+        }
         let GridOnly { repeats, json } = GridOnly::from_arg_matches_mut(m)?;
         Ok(GridArgs {
             rules,
@@ -244,6 +261,8 @@ pub fn measure(cell: &Cell) -> Result<Row> {
     })?;
     let mut opt = crate::train::build_optimizer(cfg, &net);
     let rule_impl = rules::build_with(cfg.rule, &cfg.sgr(), &cfg.fg());
+    let mut scaler = (cfg.precision == crate::precision::Precision::Fp16)
+        .then(crate::precision::LossScaler::default);
     let batch = Batch {
         images: Tensor::randn(
             [cfg.batch_size, bench.channels, bench.size, bench.size],
@@ -269,8 +288,15 @@ pub fn measure(cell: &Cell) -> Result<Row> {
         }
         let start = Instant::now();
         opt.zero_grad();
-        rule_impl.step(&net, &batch, &rules::StepContext::at_step(step))?;
-        opt.step(cfg.lr);
+        let at = rules::StepContext::at_step(step);
+        crate::train::run_step(cfg, &net, &*rule_impl, &batch, &at, &scaler)?;
+        // As in training: an fp16 overflow skips the update.
+        let update = scaler
+            .as_mut()
+            .is_none_or(|s| s.after_backward(&mut opt) == crate::precision::Verdict::Update);
+        if update {
+            opt.step(cfg.lr);
+        }
         sync();
         if step >= bench.warmup {
             times.push(start.elapsed().as_secs_f64() * 1e3);
@@ -558,6 +584,11 @@ pub fn run_compare(
     let mut cells = plan(&args.options, &args.rules, &args.modules, false)?;
     let defaults = serde_json::to_value(TrainConfig::default()).expect("config serialises");
     for cfg in &cells {
+        if cfg.modules > 1 && cfg.aux_head == crate::model::HeadKind::Imagenet {
+            return Err(Error::Config(
+                "sgr bench compare: the PyTorch reference has no --aux-head imagenet; use conv, linear, mlp or block".into(),
+            ));
+        }
         if cfg.split != SplitStrategy::Table {
             return Err(Error::Config(
                 "sgr bench compare: only --split table (the reference implements the split tables)"
@@ -690,6 +721,202 @@ pub fn compare_table(rows: &[CompareRow]) -> String {
                 mib(r.sgr_peak_memory_bytes as f64),
                 mib(r.pytorch_peak_memory_bytes as f64),
                 format!("{:.2}", r.memory_ratio),
+            ]
+        }),
+    )
+}
+
+/// The flags of `sgr bench precision`: the network and step as `sgr train` takes them (the
+/// check sets `--rule`, `--sgr-grad` and `--precision` itself) and the synthetic input.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PrecisionArgs {
+    /// Training options of the step (model, K, batch size, device, λ, ...).
+    #[command(flatten)]
+    pub options: TrainOptions,
+    /// Input shape of the synthetic batch (steps and warm-up are not used).
+    #[command(flatten)]
+    pub bench: BenchArgs,
+    /// Print the rows as a JSON array.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// One row of `sgr bench precision`: one step's gradient at a reduced precision against the
+/// same step at fp32, from the same weights and batch.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PrecisionRow {
+    /// bf16 or fp16.
+    pub precision: crate::precision::Precision,
+    /// `dgl`, or `sgr` with its penalty gradient.
+    pub step: String,
+    /// ‖g − g_fp32‖ / ‖g_fp32‖ over every parameter gradient.
+    pub rel_err: f64,
+    /// The same for the penalty's share (sgr's gradient minus dgl's at each precision).
+    pub penalty_rel_err: Option<f64>,
+    /// The step's last-module loss at this precision and at fp32.
+    pub loss: [f64; 2],
+    /// fp16: the loss scale of the compared step. A step that overflows is redone from the
+    /// same weights at half the scale, as training would go on (GradScaler's first steps
+    /// often overflow at 2^16); 1 at bf16.
+    pub scale: f64,
+}
+
+/// One step of each of `dgl`, `sgr --sgr-grad exact` and `sgr --sgr-grad jvp` at fp32, bf16
+/// and fp16 (each from the same initial weights and synthetic batch, through
+/// [`crate::train::run_step`] and, for fp16, the loss scaler's unscale), compared with fp32.
+pub fn precision_check(args: &PrecisionArgs) -> Result<Vec<PrecisionRow>> {
+    use crate::precision::{LossScaler, Precision, Verdict};
+    use crate::rules::SgrGrad;
+    let options = args.options.folded();
+    for (given, flag) in [
+        (options.rule.is_some(), "rule"),
+        (options.sgr_grad.is_some(), "sgr-grad"),
+        (options.precision.is_some(), "precision"),
+    ] {
+        if given {
+            return Err(Error::Config(format!(
+                "sgr bench precision: --{flag} is set by the check itself (dgl, sgr exact and jvp, at fp32, bf16 and fp16); leave it out"
+            )));
+        }
+    }
+    let bench = &args.bench;
+    let input = FeatureShape::map(bench.channels, bench.size, bench.size);
+    let steps = [
+        ("dgl", RuleKind::Dgl, SgrGrad::Exact),
+        ("sgr exact", RuleKind::Sgr, SgrGrad::Exact),
+        ("sgr jvp", RuleKind::Sgr, SgrGrad::Jvp),
+    ];
+    // (gradient, loss, scale) of every step at every precision.
+    let mut results = Vec::new();
+    for precision in [Precision::Fp32, Precision::Bf16, Precision::Fp16] {
+        let mut row = Vec::new();
+        for (_, rule, grad) in steps {
+            let cfg = TrainConfig::resolve(
+                &TrainOptions {
+                    rule: Some(rule),
+                    sgr_grad: Some(grad),
+                    precision: Some(precision),
+                    data: Some(DatasetKind::Synthetic),
+                    modules: Some(options.modules.unwrap_or(3)),
+                    ..options.clone()
+                },
+                None,
+                None,
+            )?;
+            if cfg.threads > 0 {
+                tch::set_num_threads(cfg.threads as i32);
+            }
+            let device = cfg.tch_device()?;
+            let net = crate::model::with_seed(cfg.seed as i64, || {
+                SplitNet::new(&cfg.model_spec(input, bench.classes), device)
+            })?;
+            let batch = crate::model::with_seed(cfg.seed as i64 + 1, || Batch {
+                images: Tensor::randn(
+                    [cfg.batch_size, bench.channels, bench.size, bench.size],
+                    (Kind::Float, Device::Cpu),
+                )
+                .to_device(device),
+                labels: Tensor::randint(
+                    bench.classes,
+                    [cfg.batch_size],
+                    (Kind::Int64, Device::Cpu),
+                )
+                .to_device(device),
+            });
+            let mut opt = crate::train::build_optimizer(&cfg, &net);
+            let mut scaler = (precision == Precision::Fp16).then(LossScaler::default);
+            let rule_impl = rules::build_with(cfg.rule, &cfg.sgr(), &cfg.fg());
+            let at = rules::StepContext::at_step(0);
+            // The step changes nothing but gradients (and running statistics, restored), so
+            // an overflowing fp16 step is redone at the halved scale.
+            let (stats, scale) = loop {
+                opt.zero_grad();
+                let scale = scaler.as_ref().map_or(1.0, |s| s.scale);
+                let stats = net.with_frozen_buffers(|| {
+                    crate::train::run_step(&cfg, &net, &*rule_impl, &batch, &at, &scaler)
+                })?;
+                match scaler.as_mut().map(|s| s.after_backward(&mut opt)) {
+                    Some(Verdict::Skip) => continue,
+                    Some(Verdict::Diverged) => {
+                        return Err(Error::NonFinite(format!(
+                            "sgr bench precision: the fp16 {} step is not finite even at loss scale 1",
+                            cfg.rule
+                        )));
+                    }
+                    _ => break (stats, scale),
+                }
+            };
+            let named = net.vs.variables();
+            let mut names: Vec<&String> = named
+                .iter()
+                .filter(|(_, t)| t.requires_grad())
+                .map(|(n, _)| n)
+                .collect();
+            names.sort();
+            let flat = Tensor::cat(
+                &names
+                    .iter()
+                    .map(|n| {
+                        let t = &named[*n];
+                        let g = t.grad();
+                        if g.defined() {
+                            g.reshape([-1])
+                        } else {
+                            t.zeros_like().reshape([-1])
+                        }
+                        .to_kind(Kind::Double)
+                        .to_device(Device::Cpu)
+                    })
+                    .collect::<Vec<_>>(),
+                0,
+            );
+            row.push((flat, stats.loss(), scale));
+        }
+        results.push((precision, row));
+    }
+    let rel = |a: &Tensor, b: &Tensor| {
+        (a - b).norm().double_value(&[]) / b.norm().double_value(&[]).max(1e-300)
+    };
+    let (_, fp32) = &results[0];
+    let mut rows = Vec::new();
+    for (precision, row) in &results[1..] {
+        for (i, (name, _, _)) in steps.iter().enumerate() {
+            let (g, loss, scale) = &row[i];
+            let penalty_rel_err =
+                (i > 0).then(|| rel(&(g - &row[0].0), &(&fp32[i].0 - &fp32[0].0)));
+            rows.push(PrecisionRow {
+                precision: *precision,
+                step: name.to_string(),
+                rel_err: rel(g, &fp32[i].0),
+                penalty_rel_err,
+                loss: [*loss, fp32[i].1],
+                scale: *scale,
+            });
+        }
+    }
+    Ok(rows)
+}
+
+/// Renders `sgr bench precision` rows as a Markdown table.
+pub fn precision_table(rows: &[PrecisionRow]) -> String {
+    let header = [
+        "precision",
+        "step",
+        "gradient rel. error vs fp32",
+        "penalty part rel. error",
+        "loss (fp32)",
+        "loss scale",
+    ];
+    markdown(
+        &header,
+        rows.iter().map(|r| {
+            vec![
+                r.precision.to_string(),
+                r.step.clone(),
+                format!("{:.3}", r.rel_err),
+                r.penalty_rel_err.map_or("-".into(), |e| format!("{e:.3}")),
+                format!("{:.4} ({:.4})", r.loss[0], r.loss[1]),
+                format!("{}", r.scale),
             ]
         }),
     )

@@ -41,6 +41,9 @@ pub struct TrainState {
     /// Peak device memory above baseline seen so far on `--device cuda`, bytes.
     #[serde(default)]
     pub peak_device_bytes: Option<u64>,
+    /// The fp16 loss scaler's state (`--precision fp16` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scaler: Option<crate::precision::LossScaler>,
     /// The resolved run configuration.
     pub config: serde_json::Value,
 }

@@ -134,7 +134,7 @@ config_fields! {
     modules: usize = 1;
     /// How units are divided among modules [default: table]
     split: SplitStrategy = SplitStrategy::Table;
-    /// Auxiliary head of modules 1..K-1 [default: conv on feature maps (ResNets), linear on vectors and tokens (MLPs, ViTs)]
+    /// Auxiliary head of modules 1..K-1: conv (DGL's), linear, mlp, block (ViTs) or imagenet (InfoPro's ImageNet head) [default: conv on feature maps (ResNets), linear on vectors and tokens (MLPs, ViTs)]
     aux_head: HeadKind = HeadKind::Conv;
     /// Epochs [default: 10]
     epochs: usize = 10;
@@ -229,6 +229,11 @@ config_fields! {
     /// Log and skip unreadable images of a streamed set instead of stopping (a switch) [default: false]
     [arg(num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     skip_bad_images: bool = false;
+    /// Precision of training steps: fp32, bf16 (autocast) or fp16 (autocast with dynamic loss scaling); evaluation stays fp32 [default: fp32]
+    precision: crate::precision::Precision = crate::precision::Precision::Fp32;
+    /// Keep the input batches and the convolution weights in channels-last (NHWC) memory layout (a switch) [default: false]
+    [arg(num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    channels_last: bool = false;
 }
 
 /// Fields that may differ from the saved config when a run is resumed (`epochs` only where
@@ -445,11 +450,16 @@ impl TrainConfig {
         } else {
             "vectors"
         };
-        if self.modules > 1 && self.aux_head == HeadKind::Conv && !network.outputs_maps() {
+        let map_head = matches!(self.aux_head, HeadKind::Conv | HeadKind::Imagenet);
+        if self.modules > 1 && map_head && !network.outputs_maps() {
             return fail(
                 "aux-head",
                 &format!(
-                    "conv needs feature maps, but {} outputs {outputs}; use --aux-head linear or mlp",
+                    "{} needs feature maps, but {} outputs {outputs}; use --aux-head linear or mlp",
+                    serde_json::to_value(self.aux_head)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_string))
+                        .unwrap_or_default(),
                     self.model
                 ),
             );
@@ -484,6 +494,23 @@ impl TrainConfig {
             return fail("fg-tangents", "must be at least 1");
         }
         let rule = self.rule;
+        if rule.forward_gradient() && self.precision != crate::precision::Precision::Fp32 {
+            return fail(
+                "precision",
+                &format!(
+                    "{} is not available with --rule {rule} (its estimates come from tangents, not from a backward that loss scaling and autocast were checked on); use --precision fp32",
+                    self.precision
+                ),
+            );
+        }
+        if rule.forward_gradient() && self.channels_last {
+            return fail(
+                "channels-last",
+                &format!(
+                    "not available with --rule {rule} (its random tangents are drawn in memory order, so the layout would change the directions drawn for a seed)"
+                ),
+            );
+        }
         if rule.forward_gradient() && self.fg_guess == FgGuess::Local {
             return fail(
                 "fg-guess",

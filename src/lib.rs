@@ -16,6 +16,7 @@ pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod optim;
+pub mod precision;
 pub mod preset;
 pub mod report;
 pub mod rules;

@@ -169,6 +169,9 @@ enum BenchCommand {
         #[arg(long)]
         reference: Option<PathBuf>,
     },
+    /// One step's gradient at bf16 and fp16 (autocast; fp16 with loss scaling) against fp32,
+    /// for dgl and for sgr's exact and jvp penalty gradients, from the same weights and batch.
+    Precision(bench::PrecisionArgs),
     /// Internal: measure one cell (a `bench::Cell` as JSON) and print its row as JSON.
     #[command(hide = true)]
     Worker {
@@ -533,6 +536,15 @@ fn run(cli: Cli) -> Result<()> {
                         bench::header(&rows[0].config, &grid.bench, grid.repeats)
                     );
                     print!("{}", bench::compare_table(&rows));
+                }
+                Ok(())
+            }
+            BenchCommand::Precision(args) => {
+                let rows = bench::precision_check(&args)?;
+                if args.json {
+                    println!("{}", serde_json::to_string_pretty(&rows)?);
+                } else {
+                    print!("{}", bench::precision_table(&rows));
                 }
                 Ok(())
             }

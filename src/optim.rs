@@ -111,6 +111,21 @@ impl Optimizer {
     /// applies to tensors of rank >= 2 (conv and linear weights) that `no_decay` does not name,
     /// unless `decay_bn_and_bias`.
     pub fn new(vs: &VarStore, cfg: OptimConfig, no_decay: &[String]) -> Self {
+        Self::with_layout(vs, cfg, no_decay, false)
+    }
+
+    /// [`Optimizer::new`]; with `channels_last`, every 4-D variable (a convolution weight
+    /// `[O, I, kh, kw]`) is stored in O, kh, kw, I order in the flat buffers, and the variable,
+    /// its gradient and its state become channels-last views (strides `[kh·kw·I, 1, kw·I, I]`)
+    /// of them. The update is elementwise on the flat buffers, so the layout changes nothing
+    /// else; checkpoints are written in the logical (contiguous) order either way.
+    pub fn with_layout(
+        vs: &VarStore,
+        cfg: OptimConfig,
+        no_decay: &[String],
+        channels_last: bool,
+    ) -> Self {
+        let nhwc = |shape: &[i64]| channels_last && shape.len() == 4;
         let mut named: Vec<(String, Tensor)> = vs
             .variables()
             .into_iter()
@@ -127,7 +142,13 @@ impl Optimizer {
             Tensor::cat(
                 &named
                     .iter()
-                    .map(|(_, t)| t.detach().reshape([-1]))
+                    .map(|(_, t)| {
+                        if nhwc(&t.size()) {
+                            t.detach().permute([0, 2, 3, 1]).reshape([-1])
+                        } else {
+                            t.detach().reshape([-1])
+                        }
+                    })
                     .collect::<Vec<_>>(),
                 0,
             )
@@ -143,7 +164,15 @@ impl Optimizer {
         for (name, mut value) in named {
             let numel = value.numel() as i64;
             let shape = value.size();
-            let slot = |flat: &Tensor| flat.narrow(0, offset, numel).view(shape.as_slice());
+            let slot = |flat: &Tensor| {
+                let part = flat.narrow(0, offset, numel);
+                match shape[..] {
+                    [_, i, kh, kw] if nhwc(&shape) => {
+                        part.as_strided(shape.as_slice(), [kh * kw * i, 1, kw * i, i], None)
+                    }
+                    _ => part.view(shape.as_slice()),
+                }
+            };
             value.set_data(&slot(&flat_values));
             let decayed = cfg.decay_bn_and_bias || (shape.len() >= 2 && !no_decay.contains(&name));
             decay_mask.push(Tensor::full(
@@ -209,6 +238,14 @@ impl Optimizer {
                 grad.set_data(&p.grad_slot);
             }
         }
+    }
+
+    /// Multiplies every gradient by `factor` (one op on the flat buffer; fp16 loss scaling's
+    /// unscale, see [`crate::precision::LossScaler`]).
+    pub fn scale_grads(&mut self, factor: f64) {
+        self.gather_grads();
+        let _guard = tch::no_grad_guard();
+        let _ = self.flat_grads.g_mul_scalar_(factor);
     }
 
     /// True if every gradient is finite.

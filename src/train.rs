@@ -9,6 +9,7 @@ use crate::memory::Meter;
 use crate::metrics::{self, DiagRecord, EpochRecord};
 use crate::model::{FeatureShape, SplitNet};
 use crate::optim::Optimizer;
+use crate::precision::{LossScaler, Precision, StepScope, Verdict};
 use crate::rules::{self, StepStats, cross_entropy};
 use crate::{Error, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -195,11 +196,40 @@ pub fn build_net(cfg: &TrainConfig, ds: &Dataset) -> Result<SplitNet> {
 /// clipped by its own gradient norm (its gradient is its own: the modules are isolated), and
 /// the whole network by one norm under `bp`.
 pub fn build_optimizer(cfg: &TrainConfig, net: &SplitNet) -> Optimizer {
-    let mut opt = Optimizer::new(&net.vs, cfg.optim(), &net.no_weight_decay());
+    let mut opt = Optimizer::with_layout(
+        &net.vs,
+        cfg.optim(),
+        &net.no_weight_decay(),
+        cfg.channels_last,
+    );
     if cfg.rule != rules::RuleKind::Bp {
         opt.set_clip_groups(|name| net.module_of_variable(name).unwrap_or(0));
     }
     opt
+}
+
+/// One training step of `rule` at `cfg`'s precision: forward and backward inside a
+/// [`StepScope`] (autocast, and the fp16 loss scale of `scaler`), ended before the update;
+/// with `--channels-last` on a channels-last copy of the images (the convolution weights are
+/// channels-last views from [`build_optimizer`] on).
+pub fn run_step(
+    cfg: &TrainConfig,
+    net: &SplitNet,
+    rule: &dyn rules::Rule,
+    batch: &data::Batch,
+    at: &rules::StepContext,
+    scaler: &Option<LossScaler>,
+) -> Result<StepStats> {
+    let scale = scaler.as_ref().map_or(1.0, |s| s.scale);
+    let _scope = StepScope::new(cfg.precision, net.device(), scale)?;
+    if cfg.channels_last {
+        let batch = data::Batch {
+            images: crate::precision::to_channels_last(&batch.images),
+            labels: batch.labels.shallow_clone(),
+        };
+        return rule.step(net, &batch, at);
+    }
+    rule.step(net, batch, at)
 }
 
 /// Where in the run a non-finite value appeared, or `None` if all is finite.
@@ -395,6 +425,7 @@ impl<'a> Trainer<'a> {
             images: 0,
             peak_host_rss_bytes: 0,
             peak_device_bytes: None,
+            loss_scaler: (self.cfg.precision == Precision::Fp16).then(LossScaler::default),
             config: serde_json::to_value(self.cfg).expect("config serialises"),
         };
         let ckpt_path = &self.ckpt_path;
@@ -413,6 +444,8 @@ impl<'a> Trainer<'a> {
             })?;
             state = TrainState {
                 config: state.config,
+                // A checkpoint written before the scaler was saved starts from the default.
+                loss_scaler: saved.loss_scaler.clone().or(state.loss_scaler),
                 ..saved
             };
         }
@@ -546,7 +579,23 @@ impl<'a> Trainer<'a> {
                 global_step: state.global_step,
                 epoch: epoch as f64 + i as f64 / steps.max(1) as f64,
             };
-            let stats = self.rule.step(&self.net, &batch, &at)?;
+            let stats = run_step(cfg, &self.net, &*self.rule, &batch, &at, &state.loss_scaler)?;
+            let verdict = state
+                .loss_scaler
+                .as_mut()
+                .map(|scaler| scaler.after_backward(&mut self.opt));
+            if verdict == Some(Verdict::Skip) {
+                // An fp16 overflow: the scale was halved; the batch leaves no trace.
+                self.opt.zero_grad();
+                if let Some(buffers) = &mut buffers {
+                    tch::no_grad(|| {
+                        for (live, saved) in buffers.iter_mut() {
+                            live.copy_(saved);
+                        }
+                    });
+                }
+                continue;
+            }
             if let Some(what) = non_finite(&self.net, &stats, &mut self.opt) {
                 let msg = format!(
                     "training diverged at epoch {}, step {}: {what}; the last good checkpoint ({}) is kept — lower --lr or pass --on-nan skip-batch",

@@ -198,3 +198,25 @@ fn bench_refuses_what_train_refuses_and_what_it_would_ignore() {
         "{err}"
     );
 }
+
+#[test]
+fn image_size_sets_the_synthetic_input_side() {
+    // TINY without its --size 8.
+    let at = TINY.iter().position(|a| *a == "--size").unwrap();
+    let tiny: Vec<&str> = [&TINY[..at], &TINY[at + 2..]].concat();
+    let activations = |size_flag: &str, side: &str| {
+        let mut args = vec!["step", "--modules", "2", "--rule", "dgl", "--json"];
+        args.extend(&tiny);
+        args.extend([size_flag, side]);
+        let rows = bench_json(&args);
+        rows[1]["largest_module_activation_bytes"].as_i64().unwrap()
+    };
+    let by_image_size = activations("--image-size", "12");
+    assert_eq!(by_image_size, activations("--size", "12"));
+    assert_ne!(by_image_size, activations("--size", "8"));
+    let err = bench_error(&["memory", "--size", "32", "--image-size", "224"]);
+    assert!(
+        err.starts_with("error: --size 32 and --image-size 224 disagree"),
+        "{err}"
+    );
+}

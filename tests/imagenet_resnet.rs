@@ -9,11 +9,15 @@ use tch::{Device, Kind, Tensor};
 use crate::common::{skip_without_torch, text, venv_python};
 
 fn net(arch: &str, modules: usize, size: i64, seed: i64) -> SplitNet {
+    net_with_head(arch, modules, size, seed, HeadKind::Linear)
+}
+
+fn net_with_head(arch: &str, modules: usize, size: i64, seed: i64, head: HeadKind) -> SplitNet {
     let spec = ModelSpec {
         arch: arch.parse::<Arch>().unwrap(),
         modules,
         split: SplitStrategy::Table,
-        head: HeadKind::Linear,
+        head,
         input: FeatureShape::map(3, size, size),
         classes: 7,
         penalty_cost: None,
@@ -93,4 +97,54 @@ fn the_stem_tangent_matches_finite_differences() {
     let fd = (f(&(&x + &v * eps)) - f(&(&x - &v * eps))) / (2.0 * eps);
     let rel = (&tangent - &fd).norm().double_value(&[]) / fd.norm().double_value(&[]);
     assert!(rel < 1e-6, "stem tangent vs central difference: {rel}");
+}
+
+#[test]
+fn the_imagenet_aux_head_has_infopro_widths_and_exact_tangents() {
+    use crate::common::{check_tangents, tiny_batch, tiny_net_with_head};
+    // Structure: conv1x1 -> 128, conv3x3/2 -> 256, conv3x3/2 -> 512, conv1x1 -> 2048 (no
+    // biases, each with a BatchNorm), then a linear layer to the 3 classes.
+    let net = tiny_net_with_head(HeadKind::Imagenet, 3, 2, 8, true, 31);
+    let widths = [128i64, 256, 512, 2048];
+    let expected = |c: i64| {
+        let convs = 128 * c + 9 * 128 * 256 + 9 * 256 * 512 + 512 * 2048;
+        // Weight and bias, plus the running mean and variance (the count is of variables).
+        let bns: i64 = widths.iter().map(|w| 4 * w).sum();
+        convs + bns + 2048 * 3 + 3
+    };
+    let counts = net.head_parameter_counts();
+    let aux: Vec<i64> = counts
+        .iter()
+        .filter(|(n, _)| n.starts_with("aux."))
+        .map(|(_, n)| *n)
+        .collect();
+    let channels: Vec<i64> = (0..2)
+        .map(|k| net.module_output_shape(k).channels())
+        .collect();
+    assert_eq!(
+        aux,
+        channels.iter().map(|&c| expected(c)).collect::<Vec<_>>()
+    );
+    // A 8x8 ResNet-20 cut in 3 gives 16-channel 8x8 and 32-channel 4x4 maps: the stride-2
+    // layers see 8 -> 4 -> 2 and 4 -> 2 -> 1, padding included.
+    check_tangents(&net, &tiny_batch(4, 2, 8, true, 32));
+    // On an ImageNet ResNet at its K=2 cut.
+    let mut net = net_with_head("resnet18", 2, 32, 33, HeadKind::Imagenet);
+    net.vs.double();
+    check_tangents(&net, &tiny_batch(2, 3, 32, true, 34));
+}
+
+#[test]
+fn the_imagenet_aux_head_is_refused_without_feature_maps() {
+    use sgr::config::{TrainConfig, TrainOptions};
+    let flags = TrainOptions {
+        model: Some("mlp-2x8".parse().unwrap()),
+        modules: Some(2),
+        aux_head: Some(HeadKind::Imagenet),
+        ..Default::default()
+    };
+    let e = TrainConfig::resolve(&flags, None, None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--aux-head: imagenet needs feature maps"), "{e}");
 }

@@ -7,6 +7,7 @@ mod fg_sgr;
 mod imagefolder;
 mod imagenet_resnet;
 mod model;
+mod precision;
 mod reference;
 mod reliability;
 mod report_study;

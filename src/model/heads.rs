@@ -24,10 +24,19 @@ pub enum HeadKind {
     /// One Transformer block at the module's width, then pool + LayerNorm + linear (token
     /// features only: the stronger, InfoPro-style head for ViTs).
     Block,
+    /// InfoPro's ImageNet auxiliary classifier (Wang et al. 2021, `Experiments on
+    /// ImageNet/networks/resnet.py` of their code): conv1x1 to 128, conv3x3 stride 2 to 256,
+    /// conv3x3 stride 2 to 512, conv1x1 to 2048 (each without bias, then BN + ReLU), global
+    /// average pool, linear. The widths are theirs, fixed whatever the module's width (their
+    /// head reads ResNet-101's 512-channel stage-2 maps at 28x28); feature maps only.
+    Imagenet,
 }
 
 /// Hidden width of the `mlp` head.
 const MLP_HIDDEN: i64 = 128;
+
+/// The `imagenet` head's convolutions: (output width, kernel, stride), as InfoPro's.
+const IMAGENET_LAYERS: [(i64, i64, i64); 4] = [(128, 1, 1), (256, 3, 2), (512, 3, 2), (2048, 1, 1)];
 
 /// How a head reads features into one vector per sample.
 #[derive(Debug)]
@@ -126,6 +135,13 @@ pub enum Head {
         /// The linear layer.
         fc: nn::Linear,
     },
+    /// See [`HeadKind::Imagenet`].
+    Imagenet {
+        /// Each convolution with its stride and BatchNorm ([`IMAGENET_LAYERS`]).
+        layers: Vec<(nn::Conv2D, i64, nn::BatchNorm)>,
+        /// The final linear layer.
+        fc: nn::Linear,
+    },
 }
 
 impl Head {
@@ -163,6 +179,27 @@ impl Head {
                     "--aux-head block needs token features (a vit-* network), but the modules output {input}"
                 )));
             }
+            (HeadKind::Imagenet, FeatureShape::Map { .. }) => {
+                let mut c_in = c;
+                let mut layers = Vec::with_capacity(IMAGENET_LAYERS.len());
+                for (i, (c_out, k, stride)) in IMAGENET_LAYERS.into_iter().enumerate() {
+                    layers.push((
+                        conv(p / format!("conv{i}"), c_in, c_out, k, stride),
+                        stride,
+                        batch_norm(p / format!("bn{i}"), c_out),
+                    ));
+                    c_in = c_out;
+                }
+                Head::Imagenet {
+                    layers,
+                    fc: nn::linear(p / "fc", c_in, classes, Default::default()),
+                }
+            }
+            (HeadKind::Imagenet, _) => {
+                return Err(Error::Config(format!(
+                    "--aux-head imagenet needs feature maps, but the modules output {input}; use --aux-head linear or mlp"
+                )));
+            }
         })
     }
 
@@ -195,6 +232,18 @@ impl Head {
                 vit::Block::activation_elems(t, d, block_heads(d)) + read
             }
             (HeadKind::Block, _) => 0,
+            (HeadKind::Imagenet, FeatureShape::Map { h, w, .. }) => {
+                // Each layer keeps its conv output, BN output and ReLU output; the pool keeps
+                // the last width. A 3x3 stride-2 convolution with padding 1 halves, rounding up.
+                let (mut h, mut w, mut elems) = (h, w, 0);
+                for (c_out, _, stride) in IMAGENET_LAYERS {
+                    h = (h + stride - 1) / stride;
+                    w = (w + stride - 1) / stride;
+                    elems += 3 * c_out * h * w;
+                }
+                elems + IMAGENET_LAYERS[IMAGENET_LAYERS.len() - 1].0
+            }
+            (HeadKind::Imagenet, _) => 0,
         }
     }
 }
@@ -223,6 +272,13 @@ impl ModuleT for Head {
             Head::Linear { read, fc } => read.read(xs).apply(fc),
             Head::Mlp { read, fc1, fc2 } => read.read(xs).apply(fc1).relu().apply(fc2),
             Head::Block { block, read, fc } => read.read(&block.forward_t(xs, train)).apply(fc),
+            Head::Imagenet { layers, fc } => {
+                let mut h = xs.shallow_clone();
+                for (conv, _, bn) in layers {
+                    h = h.apply(conv).apply_t(bn, train).relu();
+                }
+                dual::pool_maps(&h).apply(fc)
+            }
         }
     }
 }
@@ -245,6 +301,16 @@ impl ForwardDual for Head {
             }
             Head::Block { block, read, fc } => {
                 dual::linear(fc, &read.read_dual(&block.forward_dual(input)))
+            }
+            Head::Imagenet { layers, fc } => {
+                let mut h = (input.0.shallow_clone(), input.1.shallow_clone());
+                for (conv, stride, bn) in layers {
+                    h = dual::conv(conv, *stride, &h);
+                    h = dual::batch_norm(bn, &h);
+                    h = dual::relu(&h);
+                }
+                h = dual::pool(&h);
+                dual::linear(fc, &h)
             }
         }
     }

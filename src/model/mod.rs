@@ -224,13 +224,21 @@ impl SplitNet {
     /// The local (training) loss of logits `[B, classes]` against `labels` `[B]`: mean
     /// cross-entropy with the spec's label smoothing, in the logits' precision. Every rule
     /// trains every module on this loss; evaluation reports plain cross-entropy.
+    ///
+    /// Inside a reduced-precision step ([`crate::precision`]) the logits are read in f32 and
+    /// the loss's gradient carries the step's loss scale (its value does not).
     pub fn loss(&self, logits: &Tensor, labels: &Tensor) -> Tensor {
-        crate::rules::cross_entropy_smoothed(logits, labels, self.spec.label_smoothing)
+        let logits = crate::precision::loss_logits(logits);
+        let loss = crate::rules::cross_entropy_smoothed(&logits, labels, self.spec.label_smoothing);
+        crate::precision::scale_grad(&loss)
     }
 
     /// [`SplitNet::loss`] and its tangent for logits `(z, ż)`.
     pub fn loss_dual(&self, logits: &Dual, labels: &Tensor) -> Dual {
-        dual::cross_entropy(logits, labels, self.spec.label_smoothing)
+        use crate::precision::{loss_logits, scale_grad};
+        let logits = (loss_logits(&logits.0), loss_logits(&logits.1));
+        let (loss, tangent) = dual::cross_entropy(&logits, labels, self.spec.label_smoothing);
+        (scale_grad(&loss), scale_grad(&tangent))
     }
 
     /// Logits of module `k`'s head on its output `h` -> `[B, classes]`.

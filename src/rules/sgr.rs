@@ -43,6 +43,7 @@ use crate::data::Batch;
 use crate::model::SplitNet;
 use crate::model::dual::Dual;
 use crate::model::splits::PenaltyCost;
+use crate::precision::{scale_grad, unscaled};
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
@@ -249,20 +250,24 @@ impl Rule for Sgr {
                     // Both gradients are of the plain loss L_k, taken before the penalty exists.
                     let inputs: &[&Tensor] = if sends { &[&h_in, &h_out] } else { &[&h_in] };
                     let mut grads = Tensor::run_backward(&[&loss], inputs, true, true);
-                    let output_grad = sends.then(|| grads.pop().map(|g| g.detach())).flatten();
-                    let input_grad = grads.remove(0);
+                    // Under fp16 loss scaling the gradients are S times too large: D compares
+                    // them unscaled, in f32 (a no-op at fp32).
+                    let output_grad = sends
+                        .then(|| grads.pop().map(|g| unscaled(&g.detach())))
+                        .flatten();
+                    let input_grad = unscaled(&grads.remove(0));
                     input_grad_of_plain_loss = gives_target.then(|| input_grad.detach());
                     let penalty = distance(cfg.distance, &input_grad, &target);
                     record.penalty(k, &penalty);
                     // Only the penalty's own graph needs the two gradients from here on.
                     drop((input_grad, target));
-                    (loss + penalty * lambda).backward();
+                    (loss + scale_grad(&(&penalty * lambda))).backward();
                     output_grad
                 }
                 Some(target) => {
                     let (loss, logits, _) = local_backward(net, k, &h_out, labels, false);
                     record.loss(&loss, &logits, labels, last);
-                    let input_grad = h_in.grad();
+                    let input_grad = unscaled(&h_in.grad());
                     input_grad_of_plain_loss = gives_target.then(|| input_grad.detach());
                     // The spent graph's nodes (reachable from the loss and the output) still
                     // hold the input leaf, and the leaf its gradient: free them before the
@@ -277,13 +282,14 @@ impl Rule for Sgr {
                     }
                     // Taken now rather than in the backward above, so that it is not held
                     // through the penalty passes (one activation-sized tensor less at the peak).
-                    sends.then(|| head_output_grad(net, k, &h_next, labels))
+                    sends.then(|| unscaled(&head_output_grad(net, k, &h_next, labels)))
                 }
                 None => {
                     let (loss, logits, output_grad) = local_backward(net, k, &h_out, labels, sends);
                     record.loss(&loss, &logits, labels, last);
-                    input_grad_of_plain_loss = gives_target.then(|| h_in.grad().detach());
-                    output_grad
+                    input_grad_of_plain_loss =
+                        gives_target.then(|| unscaled(&h_in.grad().detach()));
+                    output_grad.map(|g| unscaled(&g))
                 }
             };
             if let (Some(target), Some(input)) = (input_grad_of_plain_loss, prev_input.take()) {
@@ -318,8 +324,8 @@ fn sender_penalty(
         let h_out = net.forward_module(j, input, true);
         let loss = net.loss(&net.head_logits(j, &h_out, true), labels);
         let output_grad = Tensor::run_backward(&[&loss], &[&h_out], true, true).remove(0);
-        let penalty = distance(cfg.distance, &output_grad, target);
-        (&penalty * lambda).backward();
+        let penalty = distance(cfg.distance, &unscaled(&output_grad), target);
+        scale_grad(&(&penalty * lambda)).backward();
         penalty.detach()
     })
 }

@@ -1,7 +1,8 @@
 //! Activity perturbation for forward gradients (rule `fg`), hooked into the tangent layers.
 //!
 //! While a [`Tape`] is recording (see [`record`]), every parameterised tangent primitive of
-//! [`super::dual`] (linear, conv, BatchNorm) becomes a *perturbation point*: it adds a fresh
+//! [`super::dual`] (linear, conv, BatchNorm, LayerNorm, and a ViT's token embedding with its
+//! class token and position embedding) becomes a *perturbation point*: it adds a fresh
 //! Gaussian direction u (one per sample and feature, drawn from libtorch's generator) to the
 //! tangent it hands on, and notes what its layer-local weight rule needs (its input, u). After
 //! the pass, the loss tangent of sample i is `L̇_i = Σ_p ∇_{z_p,i} L_i · u_{p,i}` (all points
@@ -13,6 +14,8 @@
 //! linear  z = x Wᵀ + b          ĝ_W = ĝ_zᵀ x,            ĝ_b = Σ_i ĝ_z
 //! conv    z = W ⋆ x + b         ĝ_W = Σ_i ĝ_z · im2col(x)ᵀ, ĝ_b = Σ_{i,h,w} ĝ_z
 //! BN      y = γ x̂ + β           ĝ_γ = Σ ĝ_y ⊙ x̂,        ĝ_β = Σ ĝ_y
+//! LN      y = γ x̂ + β (per token) ĝ_γ = Σ ĝ_y ⊙ x̂,       ĝ_β = Σ ĝ_y
+//! embed   y = [cls; t] + pos     ĝ_pos = Σ_i ĝ_y,        ĝ_cls = Σ_i ĝ_y[token 0]
 //! ```
 //!
 //! A linear or conv whose output goes straight into a BatchNorm is not perturbed on its own:

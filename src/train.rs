@@ -232,6 +232,19 @@ pub fn run_step(
     rule.step(net, batch, at)
 }
 
+/// Leaves no trace of a skipped batch: drops its gradients and restores the BatchNorm buffers
+/// saved before it (when they were saved).
+fn discard_batch(opt: &mut Optimizer, buffers: &mut Option<Vec<(Tensor, Tensor)>>) {
+    opt.zero_grad();
+    if let Some(buffers) = buffers {
+        tch::no_grad(|| {
+            for (live, saved) in buffers.iter_mut() {
+                live.copy_(saved);
+            }
+        });
+    }
+}
+
 /// Where in the run a non-finite value appeared, or `None` if all is finite.
 fn non_finite(net: &SplitNet, stats: &StepStats, opt: &mut Optimizer) -> Option<String> {
     if let Some(k) = stats.module_losses.iter().position(|l| !l.is_finite()) {
@@ -586,14 +599,7 @@ impl<'a> Trainer<'a> {
                 .map(|scaler| scaler.after_backward(&mut self.opt));
             if verdict == Some(Verdict::Skip) {
                 // An fp16 overflow: the scale was halved; the batch leaves no trace.
-                self.opt.zero_grad();
-                if let Some(buffers) = &mut buffers {
-                    tch::no_grad(|| {
-                        for (live, saved) in buffers.iter_mut() {
-                            live.copy_(saved);
-                        }
-                    });
-                }
+                discard_batch(&mut self.opt, &mut buffers);
                 continue;
             }
             if let Some(what) = non_finite(&self.net, &stats, &mut self.opt) {
@@ -613,14 +619,7 @@ impl<'a> Trainer<'a> {
                     return Err(Error::NonFinite(msg));
                 }
                 bar.println(format!("warning: skipping batch: {msg}"));
-                self.opt.zero_grad();
-                if let Some(buffers) = &mut buffers {
-                    tch::no_grad(|| {
-                        for (live, saved) in buffers.iter_mut() {
-                            live.copy_(saved);
-                        }
-                    });
-                }
+                discard_batch(&mut self.opt, &mut buffers);
                 continue;
             }
             consecutive_bad = 0;

@@ -242,6 +242,25 @@ pub fn check_network(net: &SplitNet, batch: &crate::data::Batch) -> Result<()> {
     })
 }
 
+/// The value pass of module `k` on `h` under `no_grad` (it moves BatchNorm running statistics
+/// and feeds the next module): records the module's loss and returns its output.
+pub(crate) fn value_pass(
+    net: &SplitNet,
+    k: usize,
+    h: &Tensor,
+    labels: &Tensor,
+    record: &mut StepRecorder,
+) -> Tensor {
+    let (h_out, logits) = tch::no_grad(|| {
+        let h_out = net.forward_module(k, h, true);
+        let logits = net.head_logits(k, &h_out, true);
+        (h_out, logits)
+    });
+    let loss = net.loss(&logits, labels);
+    record.loss(&loss, &logits, labels, k + 1 == net.num_modules());
+    h_out
+}
+
 /// Adds module `k`'s parameter gradient estimates `(parameter, estimate)` to the parameters'
 /// gradients, after checking that every parameter of the module got one (a layer without an
 /// fg local rule is an error, not a parameter silently left untrained).
@@ -306,13 +325,7 @@ impl Rule for Fg {
         let mut record = StepRecorder::new(modules, labels.size()[0]);
         let mut h = batch.images.shallow_clone();
         for k in 0..modules {
-            let (h_out, logits) = tch::no_grad(|| {
-                let h_out = net.forward_module(k, &h, true);
-                let logits = net.head_logits(k, &h_out, true);
-                (h_out, logits)
-            });
-            let loss = net.loss(&logits, labels);
-            record.loss(&loss, &logits, labels, k + 1 == modules);
+            let h_out = value_pass(net, k, &h, labels, &mut record);
             let seeds: Vec<i64> = (0..tangents)
                 .map(|t| tangent_seed(cfg.seed, at.global_step, k, t))
                 .collect();

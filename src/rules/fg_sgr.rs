@@ -44,7 +44,9 @@
 //! N of module k-1's head (ĝ_prev), and the N tape passes at about twice `fg`'s cost (every op
 //! also computes its forward derivative). Memory: what `fg` keeps, plus the outer tangents of
 //! the tape's kept inputs.
-use super::fg::{FgConfig, FgGuess, add_estimates, ensure_grad_slots, estimate_with, tangent_seed};
+use super::fg::{
+    FgConfig, FgGuess, add_estimates, ensure_grad_slots, estimate_with, tangent_seed, value_pass,
+};
 use super::{Rule, SgrConfig, StepContext, StepRecorder, StepStats};
 use crate::data::Batch;
 use crate::model::dual::Dual;
@@ -170,13 +172,7 @@ impl Rule for FgSgr {
         let mut h = batch.images.shallow_clone();
         let mut target: Option<Tensor> = None;
         for k in 0..modules {
-            let (h_out, logits) = tch::no_grad(|| {
-                let h_out = net.forward_module(k, &h, true);
-                let logits = net.head_logits(k, &h_out, true);
-                (h_out, logits)
-            });
-            let loss = net.loss(&logits, labels);
-            record.loss(&loss, &logits, labels, k + 1 == modules);
+            let h_out = value_pass(net, k, &h, labels, &mut record);
             // Module numbers are 1-based in the CLI, as in rule `sgr`.
             let boundary = k >= 1 && k + 1 >= sgr.from;
             let tape_seeds = seeds(fg, step, k, 0);

@@ -497,3 +497,59 @@ fn report_without_bp_or_lambda_range_skips_those_plots_with_a_note() {
     assert_eq!(json["paired"][0]["ci95"], Value::Null);
     assert_eq!(json["varying"], json!([]));
 }
+
+#[test]
+fn report_pairs_fg_sgr_with_fg_as_well_as_with_dgl() {
+    // dgl, fg and fg-sgr at K=4, seeds 1 and 2. fg-sgr − fg per seed: 14.57 − 14.48 = +0.09,
+    // 14.76 − 14.89 = −0.13; mean −0.02. fg-sgr − dgl: +2.57, +2.76.
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("fg");
+    let tangents = [("fg_tangents", json!(16))];
+    for (seed, dgl, fg, fg_sgr) in [(1, 12.0, 14.48, 14.57), (2, 12.0, 14.89, 14.76)] {
+        let cos = [0.5, 0.5, 0.5];
+        run(
+            &root,
+            &format!("dgl-s{seed}"),
+            "dgl",
+            4,
+            seed,
+            dgl,
+            0.1,
+            &cos,
+            true,
+            &[],
+        );
+        run(
+            &root,
+            &format!("fg-s{seed}"),
+            "fg",
+            4,
+            seed,
+            fg,
+            0.1,
+            &cos,
+            true,
+            &tangents,
+        );
+        let name = format!("fg-sgr-s{seed}");
+        run(
+            &root, &name, "fg-sgr", 4, seed, fg_sgr, 0.1, &cos, true, &tangents,
+        );
+    }
+    let (md, json) = report(&root);
+    let comparisons = json["paired"].as_array().unwrap();
+    let find = |setting: &str, baseline: &str| {
+        comparisons
+            .iter()
+            .find(|c| c["setting"] == setting && c["baseline"] == baseline)
+            .unwrap_or_else(|| panic!("no {setting} vs {baseline} in {comparisons:?}"))
+    };
+    let vs_fg = find("fg-sgr", "fg");
+    approx(&vs_fg["mean"], -0.02, 1e-9);
+    assert_eq!(vs_fg["n"], 2);
+    approx(&find("fg-sgr", "dgl")["mean"], 2.665, 1e-9);
+    approx(&find("fg", "dgl")["mean"], 2.685, 1e-9);
+    // fg is compared with dgl only.
+    assert_eq!(comparisons.len(), 3, "{comparisons:?}");
+    assert!(md.contains("| fg-sgr | 4 | fg |"), "{md}");
+}

@@ -505,8 +505,8 @@ pub(super) struct Comparison<'a> {
     pub(super) unpaired: Vec<(String, String)>,
 }
 
-/// Every comparison of a non-`dgl` setting with `dgl`, and the settings that have no `dgl`
-/// setting to pair with (index, reason).
+/// Every comparison of a non-`dgl` setting with `dgl` (and of an `fg-sgr` setting with `fg`),
+/// and the settings that have no `dgl` setting to pair with (index, reason).
 pub(super) fn comparisons<'a>(
     settings: &Settings<'a>,
 ) -> (Vec<Comparison<'a>>, Vec<(usize, String)>) {
@@ -537,6 +537,18 @@ pub(super) fn comparisons<'a>(
         }
         for j in bases {
             out.push(compare(settings, i, j));
+        }
+        // SGR without a reverse pass is also paired with its own plain rule, `fg`: that
+        // difference is the penalty's effect, not the cost of forward gradients.
+        if s.rule == "fg-sgr" {
+            for (j, _) in settings
+                .list
+                .iter()
+                .enumerate()
+                .filter(|(_, d)| d.rule == "fg" && pairing_key(&d.fields, whole) == key)
+            {
+                out.push(compare(settings, i, j));
+            }
         }
     }
     out.sort_by_key(|c| (settings.list[c.baseline].k, c.setting));

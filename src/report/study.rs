@@ -224,7 +224,7 @@ pub(super) fn paired(doc: &mut Doc, study: &Study) {
         md,
         "Each finished run is paired with the finished dgl run of the same seed (same initial weights and batch order) and \
          the same data, network, K and recipe (every setting field but the rule and SGR's fields; bp is compared with dgl at \
-         every K). Δ = its test error − dgl's, in points: negative is better than dgl. Mean Δ with a 95% Student-t interval, \
+         every K; fg-sgr also with fg, in rows whose vs column says so). Δ = its test error − the baseline's, in points: negative is better than the baseline. Mean Δ with a 95% Student-t interval, \
          mean ± t(0.975, n − 1) · sd / √n over the n pairs; **bold**: the interval excludes 0.\n"
     );
     if study.comparisons.is_empty() {

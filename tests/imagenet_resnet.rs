@@ -19,6 +19,7 @@ fn net(arch: &str, modules: usize, size: i64, seed: i64) -> SplitNet {
         penalty_cost: None,
         options: Default::default(),
         label_smoothing: 0.0,
+        local_loss: Default::default(),
     };
     sgr::model::with_seed(seed, || SplitNet::new(&spec, Device::Cpu)).unwrap()
 }

@@ -5,6 +5,7 @@ mod data;
 mod fg;
 mod imagefolder;
 mod imagenet_resnet;
+mod local_loss;
 mod model;
 mod reference;
 mod reliability;

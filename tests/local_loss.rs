@@ -410,3 +410,52 @@ fn bad_local_loss_input_is_one_clear_error_and_no_run_folder() {
         std::fs::read(out.join("checkpoint.safetensors")).unwrap()
     );
 }
+
+#[test]
+fn bench_grids_take_the_local_loss_as_an_axis_of_the_local_rules() {
+    let options = sgr::config::TrainOptions {
+        model: Some("resnet20".parse().unwrap()),
+        ..Default::default()
+    };
+    let cells = sgr::bench::plan(
+        &options,
+        &[RuleKind::Dgl, RuleKind::Bp],
+        &[LocalLossKind::Ce, LocalLossKind::Predsim],
+        &[1, 4],
+        true,
+    )
+    .unwrap();
+    let got: Vec<(RuleKind, LocalLossKind, usize)> = cells
+        .iter()
+        .map(|c| (c.rule, c.local_loss, c.modules))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (RuleKind::Bp, LocalLossKind::Ce, 1),
+            (RuleKind::Dgl, LocalLossKind::Ce, 1),
+            (RuleKind::Dgl, LocalLossKind::Ce, 4),
+            (RuleKind::Dgl, LocalLossKind::Predsim, 4),
+            // bp at K = 4 (probe heads), with ce only: it has no local losses.
+            (RuleKind::Bp, LocalLossKind::Ce, 4),
+        ]
+    );
+    // A cell the loss cannot run on is refused by name before anything runs.
+    let mlp = sgr::config::TrainOptions {
+        model: Some("mlp-2x16".parse().unwrap()),
+        ..Default::default()
+    };
+    let err = sgr::bench::plan(
+        &mlp,
+        &[RuleKind::Dgl],
+        &[LocalLossKind::Infopro],
+        &[2],
+        false,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("cell dgl infopro K=2") && err.contains("vectors"),
+        "{err}"
+    );
+}

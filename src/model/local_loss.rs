@@ -164,7 +164,7 @@ struct Decoder {
 enum Term {
     Ce,
     Infopro {
-        decoder: Decoder,
+        decoder: Box<Decoder>,
         recon: f64,
         class: f64,
         mode: InfoproClass,
@@ -178,11 +178,11 @@ enum Term {
     },
 }
 
-/// One module's local loss, built once with its head.
+/// One module's local loss, built once with its head. Cross-entropy terms take the label
+/// smoothing of the call (the model spec's, read when the loss runs).
 #[derive(Debug)]
 pub struct LocalLoss {
     term: Term,
-    smoothing: f64,
 }
 
 /// A 3x3 convolution with bias, weights N(0, 2/(9·c_out)) as InfoPro initialises every
@@ -204,23 +204,21 @@ fn conv_bias(p: nn::Path, c_in: i64, c_out: i64) -> nn::Conv2D {
 
 impl LocalLoss {
     /// Plain cross-entropy (the last module, and every module under `ce`).
-    pub fn ce(smoothing: f64) -> Self {
-        LocalLoss {
-            term: Term::Ce,
-            smoothing,
-        }
+    pub fn ce() -> Self {
+        LocalLoss { term: Term::Ce }
     }
 
     /// Module `k` of `modules`'s loss under `spec`, its layers under `p` (the head's path), for
-    /// module outputs `features` of an `input`-shaped image. A loss that cannot read the
-    /// features, or cannot reconstruct the input, is a configuration error naming why.
+    /// module outputs `features` of an `input`-shaped image, `classes` classes. A loss that
+    /// cannot read the features, or cannot reconstruct the input, is a configuration error
+    /// naming why.
     pub fn new(
         p: &nn::Path,
         spec: &LocalLossSpec,
         (k, modules): (usize, usize),
         features: FeatureShape,
         input: FeatureShape,
-        (classes, smoothing): (i64, f64),
+        classes: i64,
     ) -> Result<Self> {
         let term = match spec.kind {
             LocalLossKind::Ce => Term::Ce,
@@ -244,14 +242,14 @@ impl LocalLoss {
                 let d = p / "decoder";
                 let (recon, class) = spec.infopro_weights(k, modules);
                 Term::Infopro {
-                    decoder: Decoder {
+                    decoder: Box::new(Decoder {
                         conv1: conv_bias(&d / "conv1", c, DECODER_WIDTH),
                         bn: super::resnet::batch_norm(&d / "bn", DECODER_WIDTH),
                         conv2: conv_bias(&d / "conv2", DECODER_WIDTH, ci),
                         size: [h, w],
                         mean: spec.input_mean.clone(),
                         std: spec.input_std.clone(),
-                    },
+                    }),
                     recon,
                     class,
                     mode: spec.class,
@@ -278,20 +276,20 @@ impl LocalLoss {
                 }
             }
         };
-        Ok(LocalLoss { term, smoothing })
+        Ok(LocalLoss { term })
     }
 
     /// The loss of a module whose output is `h` and whose head gave `head_out` (logits, or the
-    /// contrastive features), for `labels` and the step's input `images`.
+    /// contrastive features), for `labels` and the step's input `images`, with label smoothing
+    /// `smoothing` in its cross-entropy terms.
     pub fn loss(
         &self,
-        head_out: &Tensor,
-        h: &Tensor,
-        labels: &Tensor,
-        images: &Tensor,
+        (head_out, h): (&Tensor, &Tensor),
+        (labels, images): (&Tensor, &Tensor),
+        smoothing: f64,
         train: bool,
     ) -> Tensor {
-        let ce = |z: &Tensor| crate::rules::cross_entropy_smoothed(z, labels, self.smoothing);
+        let ce = |z: &Tensor| crate::rules::cross_entropy_smoothed(z, labels, smoothing);
         match &self.term {
             Term::Ce => ce(head_out),
             Term::Infopro {
@@ -327,8 +325,13 @@ impl LocalLoss {
 
     /// [`LocalLoss::loss`] and its tangent, for `head_out = (z, ż)` and `h = (h, ḣ)` (the
     /// images and labels are constants).
-    pub fn loss_dual(&self, head_out: &Dual, h: &Dual, labels: &Tensor, images: &Tensor) -> Dual {
-        let ce = |z: &Dual| dual::cross_entropy(z, labels, self.smoothing);
+    pub fn loss_dual(
+        &self,
+        (head_out, h): (&Dual, &Dual),
+        (labels, images): (&Tensor, &Tensor),
+        smoothing: f64,
+    ) -> Dual {
+        let ce = |z: &Dual| dual::cross_entropy(z, labels, smoothing);
         match &self.term {
             Term::Ce => ce(head_out),
             Term::Infopro {

@@ -192,12 +192,12 @@ impl SplitNet {
                 (k, modules.len()),
                 units[last].out,
                 spec.input,
-                (spec.classes, spec.label_smoothing),
+                spec.classes,
             )?);
             head_prefixes.push(vec![format!("aux.{last}.")]);
         }
         heads.push(Head::classifier(&root, features, spec.classes));
-        losses.push(LocalLoss::ce(spec.label_smoothing));
+        losses.push(LocalLoss::ce());
         head_prefixes.push(Head::classifier_prefixes(features));
         if device != Device::Cpu {
             vs.set_device(device);
@@ -265,7 +265,8 @@ impl SplitNet {
         train: bool,
     ) -> (Tensor, Tensor) {
         let head_out = self.heads[k].forward_t(h, train);
-        let loss = self.losses[k].loss(&head_out, h, labels, images, train);
+        let smoothing = self.spec.label_smoothing;
+        let loss = self.losses[k].loss((&head_out, h), (labels, images), smoothing, train);
         (loss, head_out)
     }
 
@@ -273,7 +274,8 @@ impl SplitNet {
     /// running statistics untouched).
     pub fn local_loss_dual(&self, k: usize, h: &Dual, labels: &Tensor, images: &Tensor) -> Dual {
         let head_out = self.heads[k].forward_dual(h);
-        self.losses[k].loss_dual(&head_out, h, labels, images)
+        let smoothing = self.spec.label_smoothing;
+        self.losses[k].loss_dual((&head_out, h), (labels, images), smoothing)
     }
 
     /// Logits of module `k`'s head on its output `h` -> `[B, classes]`.

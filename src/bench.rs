@@ -392,7 +392,11 @@ pub fn plan(
                 data: Some(DatasetKind::Synthetic),
                 ..options.clone()
             };
-            let in_cell = |e: Error| Error::Config(format!("cell {rule} {loss} K={k}: {e}"));
+            let name = match loss {
+                LocalLossKind::Ce => rule.to_string(),
+                other => format!("{rule} {other}"),
+            };
+            let in_cell = |e: Error| Error::Config(format!("cell {name} K={k}: {e}"));
             let cfg = TrainConfig::resolve(&cell, None, None).map_err(in_cell)?;
             crate::model::splits::check_k(&cfg.model, k, cfg.split)?;
             Ok(cfg)

@@ -73,6 +73,7 @@ fn main() {
         penalty_cost: None,
         options: Default::default(),
         label_smoothing: 0.0,
+        local_loss: Default::default(),
     };
     println!("| precision | fd_eps | cosine(fd, exact) | relative L2 error |");
     println!("|---|---|---|---|");

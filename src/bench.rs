@@ -10,7 +10,7 @@
 use crate::config::{TrainConfig, TrainOptions};
 use crate::data::{Batch, DatasetKind};
 use crate::memory::{Meter, gpu_used_bytes};
-use crate::model::{FeatureShape, SplitNet, SplitStrategy};
+use crate::model::{FeatureShape, LocalLossKind, SplitNet, SplitStrategy};
 use crate::rules::{self, RuleKind};
 use crate::{Error, Result};
 use clap::{ArgAction, ArgMatches, FromArgMatches};
@@ -103,6 +103,7 @@ const NOT_MIRRORED_BY_REFERENCE: &[&str] = &[
     "token_pool",
     "precision",
     "channels_last",
+    "local_loss",
 ];
 
 /// The arguments of `sgr bench memory|step|compare`: every `sgr train` option, with `--rule`
@@ -113,6 +114,8 @@ pub struct GridArgs {
     pub rules: Vec<RuleKind>,
     /// K values of the grid.
     pub modules: Vec<usize>,
+    /// Local losses of the grid's `dgl` and `sgr` cells (`bp` and `fg` run `ce` only).
+    pub local_losses: Vec<LocalLossKind>,
     /// Run the whole grid this many times, alternating cells, and keep medians.
     pub repeats: usize,
     /// Print the rows as a JSON array.
@@ -150,6 +153,12 @@ impl clap::Args for GridArgs {
                     .value_delimiter(',')
                     .default_value("1,2,4,8,16")
                     .help("K values, comma-separated")
+            })
+            .mut_arg("local_loss", |a| {
+                a.action(ArgAction::Append)
+                    .value_delimiter(',')
+                    .default_value("ce")
+                    .help("Local losses of the dgl and sgr cells, comma-separated (ce, infopro, predsim)")
             });
         // Options a cell does not use stay parseable (to be refused by name in `plan`) but
         // out of the help.
@@ -181,6 +190,10 @@ impl FromArgMatches for GridArgs {
             .map(|v| v.collect())
             .unwrap_or_default();
         let size_typed = m.value_source("size") == Some(clap::parser::ValueSource::CommandLine);
+        let local_losses = m
+            .remove_many::<LocalLossKind>("local_loss")
+            .map(|v| v.collect())
+            .unwrap_or_default();
         let options = TrainOptions::from_arg_matches_mut(m)?;
         let mut bench = BenchArgs::from_arg_matches_mut(m)?;
         // `--image-size`, the side a streamed set is cropped to, is also the synthetic input's
@@ -201,6 +214,7 @@ impl FromArgMatches for GridArgs {
         Ok(GridArgs {
             rules,
             modules,
+            local_losses,
             repeats,
             json,
             bench,
@@ -237,6 +251,9 @@ pub struct Row {
     pub baseline_rss_bytes: u64,
     /// Analytic activation bytes of the largest module.
     pub largest_module_activation_bytes: i64,
+    /// Parameters of the auxiliary heads (their loss's decoders and projections included).
+    #[serde(default)]
+    pub aux_head_parameters: i64,
     /// `peak_memory_bytes` relative to the `bp` K=1 row of the same run (filled by the parent).
     #[serde(default)]
     pub memory_ratio_to_bp: f64,
@@ -308,6 +325,8 @@ pub fn measure(cell: &Cell) -> Result<Row> {
         .map(|k| net.module_activation_bytes(k, cfg.batch_size))
         .max()
         .unwrap_or(0);
+    let heads = net.head_parameter_counts();
+    let aux_head_parameters = heads[..heads.len() - 1].iter().map(|(_, n)| n).sum();
     Ok(Row {
         rule: cfg.rule,
         modules: cfg.modules,
@@ -321,20 +340,23 @@ pub fn measure(cell: &Cell) -> Result<Row> {
         },
         baseline_rss_bytes: gpu_baseline.unwrap_or(meter.baseline()),
         largest_module_activation_bytes: largest,
+        aux_head_parameters,
         memory_ratio_to_bp: 0.0,
         time_ratio_to_bp: 0.0,
         config: cfg.clone(),
     })
 }
 
-/// The resolved configuration of every cell of the grid `rules` x `ks` (the `bp` K=1
-/// reference row first when `with_bp_reference`), each checked exactly as `sgr train` checks
-/// its flags, before anything runs. `sgr` cells with K below `--sgr-from` would be `dgl`
+/// The resolved configuration of every cell of the grid `rules` x `losses` x `ks` (the `bp`
+/// K=1 reference row first when `with_bp_reference`; `bp` and `fg` cells, which have no local
+/// losses, with `ce` only; no losses = `ce`), each checked exactly as `sgr train` checks its
+/// flags, before anything runs. `sgr` cells with K below `--sgr-from` would be `dgl`
 /// under the name `sgr`: where the grid has other K they are left out with a note, and a grid
 /// with none left is refused.
 pub fn plan(
     options: &TrainOptions,
     rules_list: &[RuleKind],
+    losses: &[LocalLossKind],
     ks: &[usize],
     with_bp_reference: bool,
 ) -> Result<Vec<TrainConfig>> {
@@ -352,34 +374,55 @@ pub fn plan(
     let sgr_from = options
         .sgr_from
         .unwrap_or_else(|| TrainConfig::default().sgr_from);
-    let mut pairs: Vec<(RuleKind, usize)> = Vec::new();
+    let mut cells: Vec<(RuleKind, LocalLossKind, usize)> = Vec::new();
     if with_bp_reference {
-        pairs.push((RuleKind::Bp, 1));
+        cells.push((RuleKind::Bp, LocalLossKind::Ce, 1));
     }
+    let losses = if losses.is_empty() {
+        &[LocalLossKind::Ce][..]
+    } else {
+        losses
+    };
     for &rule in rules_list {
-        for &k in ks {
-            if rule == RuleKind::Sgr && k < sgr_from && ks.iter().any(|&other| other >= sgr_from) {
-                eprintln!(
-                    "  sgr K={k}: left out (--sgr-from {sgr_from} > K: no module would be regularised)"
-                );
+        let has_local_losses = matches!(rule, RuleKind::Dgl | RuleKind::Sgr);
+        for &loss in losses {
+            if !has_local_losses && loss != LocalLossKind::Ce {
                 continue;
             }
-            if !pairs.contains(&(rule, k)) {
-                pairs.push((rule, k));
+            for &k in ks {
+                if rule == RuleKind::Sgr
+                    && k < sgr_from
+                    && ks.iter().any(|&other| other >= sgr_from)
+                {
+                    eprintln!(
+                        "  sgr K={k}: left out (--sgr-from {sgr_from} > K: no module would be regularised)"
+                    );
+                    continue;
+                }
+                // K = 1 has no local loss: one ce cell stands for every loss.
+                let loss = if k == 1 { LocalLossKind::Ce } else { loss };
+                if !cells.contains(&(rule, loss, k)) {
+                    cells.push((rule, loss, k));
+                }
             }
         }
     }
-    pairs
+    cells
         .into_iter()
-        .map(|(rule, k)| {
+        .map(|(rule, loss, k)| {
             let cell = TrainOptions {
                 rule: Some(rule),
                 modules: Some(k),
+                local_loss: Some(loss),
                 // What a cell trains on (of --channels x --size x --size, not the data set's).
                 data: Some(DatasetKind::Synthetic),
                 ..options.clone()
             };
-            let in_cell = |e: Error| Error::Config(format!("cell {rule} K={k}: {e}"));
+            let name = match loss {
+                LocalLossKind::Ce => rule.to_string(),
+                other => format!("{rule} {other}"),
+            };
+            let in_cell = |e: Error| Error::Config(format!("cell {name} K={k}: {e}"));
             let cfg = TrainConfig::resolve(&cell, None, None).map_err(in_cell)?;
             crate::model::splits::check_k(&cfg.model, k, cfg.split)?;
             Ok(cfg)
@@ -394,15 +437,22 @@ pub fn run_grid(args: &GridArgs) -> Result<Vec<Row>> {
     let exe = std::env::current_exe()
         .map_err(|e| Error::Config(format!("cannot find the sgr binary: {e}")))?;
     // Every cell is checked before minutes are spent on the first ones.
-    let cells = plan(&args.options, &args.rules, &args.modules, true)?;
+    let cells = plan(
+        &args.options,
+        &args.rules,
+        &args.local_losses,
+        &args.modules,
+        true,
+    )?;
     let mut samples: Vec<Vec<Row>> = vec![Vec::new(); cells.len()];
     for _ in 0..args.repeats.max(1) {
         for (i, cfg) in cells.iter().enumerate() {
             let row = worker_row(&exe, cfg, &args.bench)?;
             // Progress on stderr, so a run stopped by a time limit still shows what it measured.
             eprintln!(
-                "  {} K={}: {:.1} ms/step, peak {} MiB",
+                "  {}{} K={}: {:.1} ms/step, peak {} MiB",
                 cfg.rule,
+                loss_label(cfg.local_loss),
                 cfg.modules,
                 row.ms_per_step,
                 mib(row.peak_memory_bytes as f64)
@@ -466,8 +516,52 @@ fn mib(bytes: f64) -> String {
     format!("{:.0}", bytes / (1024.0 * 1024.0))
 }
 
-/// Renders rows as a Markdown table.
+/// ` (loss)` after a rule's name for a local loss other than `ce`.
+fn loss_label(loss: LocalLossKind) -> String {
+    match loss {
+        LocalLossKind::Ce => String::new(),
+        other => format!(" ({other})"),
+    }
+}
+
+/// Renders rows as a Markdown table (with the local loss and the auxiliary heads' parameters
+/// when any row trains on a loss other than `ce`).
 pub fn table(rows: &[Row]) -> String {
+    if rows
+        .iter()
+        .any(|r| r.config.local_loss != LocalLossKind::Ce)
+    {
+        let header = [
+            "rule",
+            "local loss",
+            "K",
+            "aux head params",
+            "ms/step (median)",
+            "time vs bp",
+            "peak MiB",
+            "memory vs bp",
+            "largest module activations MiB",
+        ];
+        return markdown(
+            &header,
+            rows.iter().map(|r| {
+                vec![
+                    r.rule.to_string(),
+                    r.config.local_loss.to_string(),
+                    r.modules.to_string(),
+                    r.aux_head_parameters.to_string(),
+                    format!("{:.0}", r.ms_per_step),
+                    format!("{:.2}", r.time_ratio_to_bp),
+                    mib(r.peak_memory_bytes as f64),
+                    format!("{:.2}", r.memory_ratio_to_bp),
+                    format!(
+                        "{:.1}",
+                        r.largest_module_activation_bytes as f64 / (1024.0 * 1024.0)
+                    ),
+                ]
+            }),
+        );
+    }
     let header = [
         "rule",
         "K",
@@ -581,7 +675,13 @@ pub fn run_compare(
 ) -> Result<Vec<CompareRow>> {
     let exe = std::env::current_exe()
         .map_err(|e| Error::Config(format!("cannot find the sgr binary: {e}")))?;
-    let mut cells = plan(&args.options, &args.rules, &args.modules, false)?;
+    let mut cells = plan(
+        &args.options,
+        &args.rules,
+        &args.local_losses,
+        &args.modules,
+        false,
+    )?;
     let defaults = serde_json::to_value(TrainConfig::default()).expect("config serialises");
     for cfg in &cells {
         if cfg.modules > 1 && cfg.aux_head == crate::model::HeadKind::Imagenet {

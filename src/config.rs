@@ -6,7 +6,10 @@
 //! configuration with defaults filled in. Both are the same field list, so a flag and a config
 //! key can never drift apart.
 use crate::data::DatasetKind;
-use crate::model::{Arch, FeatureShape, HeadKind, ModelSpec, NetOptions, SplitStrategy, TokenPool};
+use crate::model::{
+    Arch, FeatureShape, HeadKind, InfoproClass, LocalLossKind, LocalLossSpec, ModelSpec,
+    NetOptions, SplitStrategy, TokenPool,
+};
 use crate::optim::{OptimConfig, OptimizerKind};
 use crate::rules::{
     FgConfig, FgGuess, LambdaSchedule, RuleKind, SgrConfig, SgrDistance, SgrGrad, SgrSide,
@@ -171,6 +174,20 @@ config_fields! {
     gamma: f64 = 0.1;
     /// Label smoothing ε of every module's cross-entropy (0 = none; DeiT uses 0.1) [default: 0]
     label_smoothing: f64 = 0.0;
+    /// Local loss of modules 1..K-1 under dgl and sgr: ce (the head's cross-entropy), infopro (input reconstruction + classification, Wang et al. 2021) or predsim (prediction + similarity matching, Nøkland & Eidnes 2019); the last module always trains on cross-entropy [default: ce]
+    local_loss: LocalLossKind = LocalLossKind::Ce;
+    /// InfoPro's reconstruction weight λ1 at module 1 and at module K-1, comma-separated (interpolated linearly between; empty = the published ResNet-32 values for K, see README) [default: published]
+    [arg(value_delimiter = ',')]
+    infopro_recon_weights: Vec<f64> = Vec::new();
+    /// InfoPro's classification weight λ2 at module 1 and at module K-1, comma-separated (empty = published, as --infopro-recon-weights) [default: published]
+    [arg(value_delimiter = ',')]
+    infopro_class_weights: Vec<f64> = Vec::new();
+    /// InfoPro's classification term: softmax (the head's cross-entropy) or contrast (supervised contrastive loss of 128 normalised head outputs) [default: softmax]
+    infopro_class: InfoproClass = InfoproClass::Softmax;
+    /// Temperature of InfoPro's contrastive term [default: 0.07]
+    infopro_temperature: f64 = 0.07;
+    /// PredSim's β: weight of the similarity term, (1 − β) that of the prediction term [default: 0.99]
+    predsim_beta: f64 = 0.99;
     /// Clip each module's gradient norm to this value before the update (the whole network's under bp; 0 = no clipping) [default: 0]
     clip_grad_norm: f64 = 0.0;
     /// Random seed (weights, shuffling, augmentation) [default: 0]
@@ -440,6 +457,7 @@ impl TrainConfig {
         if !(self.warmup_epochs.is_finite() && self.warmup_epochs >= 0.0) {
             return fail("warmup-epochs", "must be >= 0");
         }
+        self.validate_local_loss()?;
         // The split and the heads are checked here, before a run folder is written.
         crate::model::splits::check_k(&self.model, self.modules, self.split)?;
         let network = self.model.network();
@@ -557,6 +575,107 @@ impl TrainConfig {
         Ok(())
     }
 
+    /// The `--local-loss` checks: weights in range, and a rule and K that have local losses.
+    fn validate_local_loss(&self) -> Result<()> {
+        let fail = |flag: &str, why: String| Err(Error::Config(format!("--{flag}: {why}")));
+        for (flag, weights) in [
+            ("infopro-recon-weights", &self.infopro_recon_weights),
+            ("infopro-class-weights", &self.infopro_class_weights),
+        ] {
+            if !(weights.is_empty() || weights.len() == 2) {
+                return fail(
+                    flag,
+                    format!(
+                        "takes two weights (module 1, module K-1), comma-separated, or none for the published ones; got {}",
+                        weights.len()
+                    ),
+                );
+            }
+            if let Some(w) = weights.iter().find(|w| !(w.is_finite() && **w >= 0.0)) {
+                return fail(flag, format!("{w} is out of range: weights must be >= 0"));
+            }
+        }
+        if !(self.infopro_temperature.is_finite() && self.infopro_temperature > 0.0) {
+            return fail(
+                "infopro-temperature",
+                format!("{} must be a positive number", self.infopro_temperature),
+            );
+        }
+        if !(0.0..=1.0).contains(&self.predsim_beta) {
+            return fail(
+                "predsim-beta",
+                format!("{} must be in [0, 1]", self.predsim_beta),
+            );
+        }
+        if self.local_loss == LocalLossKind::Ce {
+            return Ok(());
+        }
+        let loss = self.local_loss;
+        if self.rule == RuleKind::Bp || self.rule.forward_gradient() {
+            let why = match self.rule {
+                RuleKind::Bp => "bp trains the whole network on the last module's cross-entropy and has no local losses".to_string(),
+                rule => format!("{rule}'s forward gradients have local rules for the cross-entropy head only"),
+            };
+            return fail(
+                "local-loss",
+                format!("{loss} needs --rule dgl or sgr ({why}); use --local-loss ce"),
+            );
+        }
+        if self.modules < 2 {
+            return fail(
+                "local-loss",
+                format!(
+                    "{loss} needs --modules 2 or more (the last module always trains on cross-entropy, so with one module there is no local loss)"
+                ),
+            );
+        }
+        let network = self.model.network();
+        if loss == LocalLossKind::Infopro && !network.outputs_maps() {
+            return fail(
+                "local-loss",
+                format!(
+                    "infopro's decoder reconstructs the input image from feature maps, but {} outputs {}; use --local-loss ce or predsim",
+                    self.model,
+                    if network.outputs_tokens() {
+                        "tokens"
+                    } else {
+                        "vectors"
+                    }
+                ),
+            );
+        }
+        if loss == LocalLossKind::Predsim && network.outputs_tokens() {
+            return fail(
+                "local-loss",
+                format!(
+                    "predsim's similarity term reads feature maps or vectors, but {} outputs tokens; use --local-loss ce",
+                    self.model
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    /// The local loss of the model (the InfoPro weights resolved for K; the input's
+    /// normalisation is the data set's, set by the trainer).
+    pub fn local_loss_spec(&self) -> LocalLossSpec {
+        let (recon, class) = crate::model::local_loss::published_weights(self.modules);
+        let pair = |v: &Vec<f64>, published: [f64; 2]| match v.as_slice() {
+            [a, b] => [*a, *b],
+            _ => published,
+        };
+        LocalLossSpec {
+            kind: self.local_loss,
+            recon_weights: pair(&self.infopro_recon_weights, recon),
+            class_weights: pair(&self.infopro_class_weights, class),
+            class: self.infopro_class,
+            temperature: self.infopro_temperature,
+            beta: self.predsim_beta,
+            input_mean: Vec::new(),
+            input_std: Vec::new(),
+        }
+    }
+
     /// The model to build for data of `input` shape and `classes` classes.
     pub fn model_spec(&self, input: FeatureShape, classes: i64) -> ModelSpec {
         ModelSpec {
@@ -572,6 +691,7 @@ impl TrainConfig {
                 token_pool: self.token_pool,
             },
             label_smoothing: self.label_smoothing,
+            local_loss: self.local_loss_spec(),
         }
     }
 

@@ -45,7 +45,7 @@ pub fn measure(net: &SplitNet, batch: &Batch) -> Discord {
         for k in 0..modules {
             let h_in = h.detach().set_requires_grad(true);
             let h_out = net.forward_module(k, &h_in, true);
-            let loss = net.loss(&net.head_logits(k, &h_out, true), &batch.labels);
+            let (loss, _) = net.local_loss(k, &h_out, &batch.labels, &batch.images, true);
             let mut g = Tensor::run_backward(&[&loss], &[&h_in, &h_out], false, false);
             output_grads.push(g.pop().unwrap());
             input_grads.push(g.pop().unwrap());
@@ -87,7 +87,10 @@ pub fn global_boundary_grads(net: &SplitNet, batch: &Batch) -> Vec<Tensor> {
         let h_in = inputs[k].detach().set_requires_grad(true);
         let out = net.forward_module(k, &h_in, true);
         let scalar = match &upstream {
-            None => net.loss(&net.head_logits(k, &out, true), &batch.labels),
+            None => {
+                net.local_loss(k, &out, &batch.labels, &batch.images, true)
+                    .0
+            }
             Some(u) => (&out * u).sum(out.kind()),
         };
         let g = Tensor::run_backward(&[&scalar], &[&h_in], false, false).remove(0);

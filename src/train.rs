@@ -173,7 +173,11 @@ pub fn check_model(cfg: &TrainConfig, ds: &Dataset) -> Result<()> {
 /// The model `cfg` asks for on data `ds`.
 fn model_spec_for(cfg: &TrainConfig, ds: &Dataset) -> crate::model::ModelSpec {
     let input = FeatureShape::map(ds.meta.channels, ds.meta.height, ds.meta.width);
-    cfg.model_spec(input, ds.meta.classes)
+    let mut spec = cfg.model_spec(input, ds.meta.classes);
+    // InfoPro's decoder reconstructs the image before normalisation.
+    spec.local_loss.input_mean = ds.meta.mean.clone();
+    spec.local_loss.input_std = ds.meta.std.clone();
+    spec
 }
 
 /// The options of `cfg` for reading a streamed set.

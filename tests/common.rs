@@ -52,6 +52,7 @@ fn tiny_with(
         penalty_cost: None,
         options,
         label_smoothing: 0.0,
+        local_loss: Default::default(),
     };
     // Seed and draw under the library's lock: the tests run on several threads.
     let mut net = sgr::model::with_seed(seed, || SplitNet::new(&spec, Device::Cpu)).unwrap();

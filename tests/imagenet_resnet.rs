@@ -23,6 +23,7 @@ fn net_with_head(arch: &str, modules: usize, size: i64, seed: i64, head: HeadKin
         penalty_cost: None,
         options: Default::default(),
         label_smoothing: 0.0,
+        local_loss: Default::default(),
     };
     sgr::model::with_seed(seed, || SplitNet::new(&spec, Device::Cpu)).unwrap()
 }

@@ -20,6 +20,7 @@ fn spec(
         penalty_cost: None,
         options: Default::default(),
         label_smoothing: 0.0,
+        local_loss: Default::default(),
     }
 }
 

@@ -6,6 +6,7 @@ mod fg;
 mod fg_sgr;
 mod imagefolder;
 mod imagenet_resnet;
+mod local_loss;
 mod model;
 mod precision;
 mod reference;

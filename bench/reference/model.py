@@ -69,6 +69,99 @@ class Head(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
+# Local losses (--local-loss): InfoPro (Wang et al., ICLR 2021) and PredSim (Nokland & Eidnes,
+# ICML 2019), written from the papers' definitions in plain PyTorch. Their layers live in the
+# head's namespace: `aux.{u}.decoder.*` and `aux.{u}.sim.*`.
+
+CONTRAST_DIM = 128
+BASE_TEMPERATURE = 0.07
+
+
+class Decoder(nn.Module):
+    """InfoPro's reconstruction: upsample to the image (bilinear, corners aligned), conv3x3 to
+    12 channels, BN, ReLU, conv3x3 to the image channels, sigmoid; BCE against the image in [0, 1]."""
+
+    def __init__(self, c, image_channels, size):
+        super().__init__()
+        self.size = size
+        self.conv1 = nn.Conv2d(c, 12, 3, padding=1)
+        self.bn = bn(12)
+        self.conv2 = nn.Conv2d(12, image_channels, 3, padding=1)
+
+    def forward(self, h, image01):
+        up = F.interpolate(h, size=self.size, mode="bilinear", align_corners=True)
+        recon = torch.sigmoid(self.conv2(F.relu(self.bn(self.conv1(up)))))
+        return F.binary_cross_entropy(recon, image01)
+
+
+class SimProjection(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1, bias=False)
+
+    def forward(self, h):
+        return self.conv(h)
+
+
+def similarity_matrix(x):
+    """PredSim's adjusted cosine similarity: maps with more than 3 channels and more than one
+    row are reduced to the per-channel standard deviation over positions."""
+    if x.dim() == 4:
+        if x.size(1) > 3 and x.size(2) > 1:
+            x = x.view(x.size(0), x.size(1), -1).std(dim=2)
+        else:
+            x = x.view(x.size(0), -1)
+    xc = x - x.mean(dim=1, keepdim=True)
+    xn = xc / (1e-8 + xc.pow(2).sum(dim=1, keepdim=True).sqrt())
+    return (xn @ xn.t()).clamp(-1, 1)
+
+
+def supervised_contrastive(features, y, temperature):
+    """Supervised contrastive loss, one view: anchors against all other samples, positives the
+    other samples of the same class, -(tau / 0.07) * mean over anchors."""
+    z = F.normalize(features, dim=1)
+    logits = z @ z.t() / temperature
+    logits = logits - logits.max(dim=1, keepdim=True).values.detach()
+    b = z.size(0)
+    not_self = 1 - torch.eye(b, dtype=z.dtype, device=z.device)
+    positives = (y.view(-1, 1) == y.view(1, -1)).to(z.dtype) * not_self
+    log_prob = logits - torch.log((logits.exp() * not_self).sum(dim=1, keepdim=True))
+    counts = positives.sum(dim=1)
+    counts = torch.where(counts == 0, torch.ones_like(counts), counts)
+    mean_log_prob_pos = (positives * log_prob).sum(dim=1) / counts
+    return -(temperature / BASE_TEMPERATURE) * mean_log_prob_pos.mean()
+
+
+class LocalLoss:
+    """Settings of the local loss; `weights(k, K)` is InfoPro's linear (lambda1, lambda2)."""
+
+    def __init__(self, cfg):
+        self.kind = cfg.get("local_loss", "ce")
+        self.recon = cfg.get("infopro_recon_weights") or [6.0, 1.0]
+        self.cls = cfg.get("infopro_class_weights") or [0.0, 2.0]
+        self.contrast = cfg.get("infopro_class", "softmax") == "contrast"
+        self.temperature = float(cfg.get("infopro_temperature", 0.07))
+        self.beta = float(cfg.get("predsim_beta", 0.99))
+        self.mean = cfg.get("input_mean") or []
+        self.std = cfg.get("input_std") or []
+        self.smoothing = float(cfg.get("label_smoothing", 0.0))
+        if self.kind not in ("ce", "infopro", "predsim"):
+            raise ValueError(f"unknown local_loss {self.kind!r}")
+
+    def weights(self, k, K):
+        r = k / (K - 2) if K > 2 else 0.0
+        return (self.recon[0] * (1 - r) + self.recon[1] * r,
+                self.cls[0] * (1 - r) + self.cls[1] * r)
+
+    def restore(self, x):
+        if self.mean:
+            c = x.size(1)
+            x = x * torch.tensor(self.std, dtype=x.dtype).view(1, c, 1, 1) + \
+                torch.tensor(self.mean, dtype=x.dtype).view(1, c, 1, 1)
+        return x.clamp(0, 1)
+
+
+# ---------------------------------------------------------------------------------------------
 # Splits
 
 
@@ -170,8 +263,9 @@ def validate_ranges(ranges, units):
 
 
 class SplitNet(nn.Module):
-    def __init__(self, model, in_channels, classes, ranges, head="conv"):
+    def __init__(self, model, in_channels, classes, ranges, head="conv", loss=None, size=32):
         super().__init__()
+        self.loss = loss or LocalLoss({})
         n = blocks_per_stage(model)
         units = num_units(model)
         self.ranges = validate_ranges(ranges, units)
@@ -191,8 +285,15 @@ class SplitNet(nn.Module):
             blocks.extend(stage)
         self.fc = nn.Linear(WIDTHS[-1], classes)
         self.aux = nn.ModuleDict()
+        outputs = CONTRAST_DIM if self.loss.kind == "infopro" and self.loss.contrast else classes
         for a, b in self.ranges[:-1]:
-            self.aux[str(b - 1)] = Head(head, unit_out[b - 1], classes)
+            aux = Head(head, unit_out[b - 1], outputs)
+            if self.loss.kind == "infopro":
+                aux.decoder = Decoder(unit_out[b - 1], in_channels, (size, size))
+            elif self.loss.kind == "predsim":
+                aux.sim = SimProjection(unit_out[b - 1])
+            self.aux[str(b - 1)] = aux
+        self.classes = classes
         self._units = [self._stem] + blocks  # plain list: the blocks are registered above
 
     def _stem(self, x):
@@ -217,6 +318,26 @@ class SplitNet(nn.Module):
         for k in range(self.K):
             x = self.forward_module(k, x)
         return self.head_logits(self.K - 1, x)
+
+    def local_loss(self, k, h, x, y):
+        """Module k's training loss on its output h (x: the step's input images). The last
+        module always trains on cross-entropy."""
+        out = self.head_logits(k, h)
+        ce = lambda z: F.cross_entropy(z, y, label_smoothing=self.loss.smoothing)  # noqa: E731
+        if k == self.K - 1 or self.loss.kind == "ce":
+            return ce(out)
+        aux = self.aux[str(self.ranges[k][1] - 1)]
+        if self.loss.kind == "infopro":
+            l1, l2 = self.loss.weights(k, self.K)
+            recon = aux.decoder(h, self.loss.restore(x))
+            if self.loss.contrast:
+                cls = supervised_contrastive(out, y, self.loss.temperature)
+            else:
+                cls = ce(out)
+            return l1 * recon + l2 * cls
+        onehot = F.one_hot(y, self.classes).to(h.dtype)
+        sim = F.mse_loss(similarity_matrix(aux.sim(h)), similarity_matrix(onehot))
+        return (1 - self.loss.beta) * ce(out) + self.loss.beta * sim
 
     def exported_state(self):
         """Every variable except `num_batches_tracked` (the Rust side has none)."""

@@ -20,7 +20,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import st  # noqa: E402
-from model import SplitNet, VitSplitNet, table_ranges, vit_dims, vit_ranges  # noqa: E402
+from model import LocalLoss, SplitNet, VitSplitNet, table_ranges, vit_dims, vit_ranges  # noqa: E402
 
 DEFAULTS = {
     "model": "resnet20",
@@ -49,6 +49,14 @@ DEFAULTS = {
     "size": 32,
     "patch_size": None,
     "token_pool": "cls",
+    "local_loss": "ce",
+    "infopro_recon_weights": None,
+    "infopro_class_weights": None,
+    "infopro_class": "softmax",
+    "infopro_temperature": 0.07,
+    "predsim_beta": 0.99,
+    "input_mean": None,
+    "input_std": None,
 }
 
 
@@ -82,7 +90,7 @@ def build(cfg):
                           cfg["aux_head"], int(cfg["size"]), cfg["patch_size"], cfg["token_pool"])
     else:
         net = SplitNet(cfg["model"], int(cfg["in_channels"]), int(cfg["classes"]), ranges,
-                       cfg["aux_head"])
+                       cfg["aux_head"], LocalLoss(cfg), int(cfg["size"]))
     return net.to(torch_dtype(cfg["dtype"])).train()
 
 
@@ -143,6 +151,13 @@ def sgr_distance(g_in, g_prev, kind):
     return 1 - (g_in * g_prev).sum() / (g_in.norm() * g_prev.norm() + 1e-12)
 
 
+def module_loss(net, k, h_out, x, y):
+    """Module k's local loss (--local-loss; cross-entropy on a ViT, which has no other)."""
+    if hasattr(net, "local_loss"):
+        return net.local_loss(k, h_out, x, y)
+    return local_loss(net.head_logits(k, h_out), y)
+
+
 def rule_local(net, x, y, sgr=None):
     """dgl when sgr is None; else sgr = dict(lam, distance, first) with `first` the 1-based
     first regularised module (module 0 never is)."""
@@ -157,7 +172,7 @@ def rule_local(net, x, y, sgr=None):
         if penalise:
             h_in.requires_grad_(True)
         h_out = net.forward_module(k, h_in)
-        loss = local_loss(net.head_logits(k, h_out), y)
+        loss = module_loss(net, k, h_out, x, y)
         losses[k] = loss
         g_next = None
         if forward_grad:  # gradient of the PLAIN local loss w.r.t. this module's output

@@ -7,6 +7,7 @@
 pub mod dual;
 pub mod forward_ad;
 pub mod heads;
+pub mod local_loss;
 pub mod mlp;
 pub mod network;
 pub mod perturb;
@@ -16,6 +17,7 @@ pub mod splits;
 pub mod vit;
 
 pub use heads::{Head, HeadKind};
+pub use local_loss::{InfoproClass, LocalLoss, LocalLossKind, LocalLossSpec};
 pub use network::{Arch, NetOptions, Network, TokenPool};
 pub use splits::SplitStrategy;
 
@@ -127,6 +129,10 @@ pub struct ModelSpec {
     /// Label smoothing ε of every module's cross-entropy ([`SplitNet::loss`]).
     #[serde(default)]
     pub label_smoothing: f64,
+    /// The local loss of modules 1..K-1 (`--local-loss`; the last module trains on
+    /// cross-entropy).
+    #[serde(default)]
+    pub local_loss: LocalLossSpec,
 }
 
 /// A network cut into K modules, each with a classifier head.
@@ -138,6 +144,8 @@ pub struct SplitNet {
     units: Vec<network::UnitSpec>,
     modules: Vec<Range<usize>>,
     heads: Vec<Head>,
+    /// Every module's local loss (the last one's is cross-entropy).
+    losses: Vec<LocalLoss>,
     /// Variable-name prefixes of every module's head.
     head_prefixes: Vec<Vec<String>>,
 }
@@ -171,14 +179,26 @@ impl SplitNet {
             spec.penalty_cost,
         )?;
         let mut heads = Vec::with_capacity(modules.len());
+        let mut losses = Vec::with_capacity(modules.len());
         let mut head_prefixes = Vec::with_capacity(modules.len());
-        for range in &modules[..modules.len() - 1] {
+        let outputs = spec.local_loss.head_outputs(spec.classes);
+        for (k, range) in modules[..modules.len() - 1].iter().enumerate() {
             let last = range.end - 1;
             let p = &root / "aux" / last;
-            heads.push(Head::new(&p, spec.head, units[last].out, spec.classes)?);
+            heads.push(Head::new(&p, spec.head, units[last].out, outputs)?);
+            // The loss's own layers sit under the head's prefix: they are the head's.
+            losses.push(LocalLoss::new(
+                &p,
+                &spec.local_loss,
+                (k, modules.len()),
+                units[last].out,
+                spec.input,
+                spec.classes,
+            )?);
             head_prefixes.push(vec![format!("aux.{last}.")]);
         }
         heads.push(Head::classifier(&root, features, spec.classes));
+        losses.push(LocalLoss::ce());
         head_prefixes.push(Head::classifier_prefixes(features));
         if device != Device::Cpu {
             vs.set_device(device);
@@ -189,6 +209,7 @@ impl SplitNet {
             units,
             modules,
             heads,
+            losses,
             head_prefixes,
         })
     }
@@ -238,6 +259,37 @@ impl SplitNet {
         use crate::precision::{loss_logits, scale_grad};
         let logits = (loss_logits(&logits.0), loss_logits(&logits.1));
         let (loss, tangent) = dual::cross_entropy(&logits, labels, self.spec.label_smoothing);
+        (scale_grad(&loss), scale_grad(&tangent))
+    }
+
+    /// Module `k`'s local training loss on its output `h` (`--local-loss`; cross-entropy for
+    /// the last module) and its head's output, for `labels` and the step's input `images`
+    /// (which InfoPro's decoder reconstructs). Every local rule trains module `k` on this.
+    pub fn local_loss(
+        &self,
+        k: usize,
+        h: &Tensor,
+        labels: &Tensor,
+        images: &Tensor,
+        train: bool,
+    ) -> (Tensor, Tensor) {
+        let head_out = self.heads[k].forward_t(h, train);
+        let smoothing = self.spec.label_smoothing;
+        // As in [`SplitNet::loss`]: the head's output in f32 inside a reduced-precision step,
+        // and the step's loss scale on the gradient (not the value).
+        let read = crate::precision::loss_logits(&head_out);
+        let loss = self.losses[k].loss((&read, h), (labels, images), smoothing, train);
+        (crate::precision::scale_grad(&loss), head_out)
+    }
+
+    /// [`SplitNet::local_loss`]'s value and tangent on `h = (h, ḣ)` (training-mode statistics,
+    /// running statistics untouched).
+    pub fn local_loss_dual(&self, k: usize, h: &Dual, labels: &Tensor, images: &Tensor) -> Dual {
+        use crate::precision::{loss_logits, scale_grad};
+        let (z, z_dot) = self.heads[k].forward_dual(h);
+        let head_out = (loss_logits(&z), loss_logits(&z_dot));
+        let smoothing = self.spec.label_smoothing;
+        let (loss, tangent) = self.losses[k].loss_dual((&head_out, h), (labels, images), smoothing);
         (scale_grad(&loss), scale_grad(&tangent))
     }
 
@@ -293,7 +345,16 @@ impl SplitNet {
             self.spec.head
         };
         let head = Head::activation_elems(head_kind, self.module_output_shape(k));
-        4 * batch * (input + units + head)
+        let extra = if k + 1 == self.num_modules() {
+            0
+        } else {
+            LocalLoss::activation_elems(
+                &self.spec.local_loss,
+                self.module_output_shape(k),
+                self.spec.input,
+            )
+        };
+        4 * batch * (input + units + head + extra)
     }
 
     /// Parameter count of every head, named by its first variable prefix (`aux.{unit}` or

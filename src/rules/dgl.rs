@@ -1,8 +1,8 @@
 //! Rule `dgl`: decoupled greedy learning (Belilovsky et al., ICML 2020), non-greedy form.
 //!
 //! Every module is updated on every batch. Module k takes the previous module's output
-//! *detached*, so its local loss L_k = CE(head_k(f_k(sg(h_{k-1}))), y) reaches only θ_k and the
-//! head's parameters. Its graph is released by its own backward before module k+1 runs, which
+//! *detached*, so its local loss L_k (`--local-loss`; CE(head_k(f_k(sg(h_{k-1}))), y) by default) reaches only
+//! θ_k and the head's parameters. Its graph is released by its own backward before module k+1 runs, which
 //! is where the memory saving comes from: only one module's activations are alive at a time.
 use super::{Rule, StepContext, StepRecorder, StepStats};
 use crate::Result;
@@ -19,8 +19,7 @@ impl Rule for Dgl {
         let mut record = StepRecorder::new(modules, batch.labels.size()[0]);
         for k in 0..modules {
             let h_out = net.forward_module(k, &h.detach(), true);
-            let logits = net.head_logits(k, &h_out, true);
-            let loss = net.loss(&logits, &batch.labels);
+            let (loss, logits) = net.local_loss(k, &h_out, &batch.labels, &batch.images, true);
             loss.backward(); // frees module k's graph
             record.loss(&loss, &logits, &batch.labels, k + 1 == modules);
             h = h_out.detach();

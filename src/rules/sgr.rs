@@ -221,6 +221,7 @@ impl Rule for Sgr {
         let active = lambda != 0.0 && at.global_step.is_multiple_of(cfg.every.max(1));
         let (receiver, sender) = (active && cfg.side.receiver(), active && cfg.side.sender());
         let labels = &batch.labels;
+        let images = &batch.images;
         let mut record = StepRecorder::new(modules, labels.size()[0]);
         let mut h = batch.images.shallow_clone();
         let mut prev_output_grad: Option<Tensor> = None;
@@ -244,8 +245,7 @@ impl Rule for Sgr {
             let input_grad_of_plain_loss;
             prev_output_grad = match target {
                 Some(target) if cfg.grad == SgrGrad::Exact => {
-                    let logits = net.head_logits(k, &h_out, true);
-                    let loss = net.loss(&logits, labels);
+                    let (loss, logits) = net.local_loss(k, &h_out, labels, images, true);
                     record.loss(&loss, &logits, labels, last);
                     // Both gradients are of the plain loss L_k, taken before the penalty exists.
                     let inputs: &[&Tensor] = if sends { &[&h_in, &h_out] } else { &[&h_in] };
@@ -265,7 +265,7 @@ impl Rule for Sgr {
                     output_grad
                 }
                 Some(target) => {
-                    let (loss, logits, _) = local_backward(net, k, &h_out, labels, false);
+                    let (loss, logits, _) = local_backward(net, k, &h_out, (labels, images), false);
                     record.loss(&loss, &logits, labels, last);
                     let input_grad = unscaled(&h_in.grad());
                     input_grad_of_plain_loss = gives_target.then(|| input_grad.detach());
@@ -276,16 +276,18 @@ impl Rule for Sgr {
                     let (penalty, direction) = penalty_direction(cfg, input_grad, target);
                     record.penalty(k, &penalty);
                     if cfg.grad == SgrGrad::Jvp {
-                        tangent_penalty(net, k, &h, direction, labels, lambda);
+                        tangent_penalty(net, k, &h, direction, (labels, images), lambda);
                     } else {
-                        finite_difference_penalty(net, k, &h, direction, labels, cfg, lambda);
+                        let target = (labels, images);
+                        finite_difference_penalty(net, k, &h, direction, target, cfg, lambda);
                     }
                     // Taken now rather than in the backward above, so that it is not held
                     // through the penalty passes (one activation-sized tensor less at the peak).
-                    sends.then(|| unscaled(&head_output_grad(net, k, &h_next, labels)))
+                    sends.then(|| unscaled(&head_output_grad(net, k, &h_next, (labels, images))))
                 }
                 None => {
-                    let (loss, logits, output_grad) = local_backward(net, k, &h_out, labels, sends);
+                    let (loss, logits, output_grad) =
+                        local_backward(net, k, &h_out, (labels, images), sends);
                     record.loss(&loss, &logits, labels, last);
                     input_grad_of_plain_loss =
                         gives_target.then(|| unscaled(&h_in.grad().detach()));
@@ -293,7 +295,8 @@ impl Rule for Sgr {
                 }
             };
             if let (Some(target), Some(input)) = (input_grad_of_plain_loss, prev_input.take()) {
-                let penalty = sender_penalty(net, k - 1, &input, &target, labels, cfg, lambda);
+                let penalty =
+                    sender_penalty(net, k - 1, &input, &target, (labels, images), cfg, lambda);
                 record.penalty(k - 1, &penalty);
             }
             if sender {
@@ -316,13 +319,13 @@ fn sender_penalty(
     j: usize,
     input: &Tensor,
     target: &Tensor,
-    labels: &Tensor,
+    (labels, images): (&Tensor, &Tensor),
     cfg: &SgrConfig,
     lambda: f64,
 ) -> Tensor {
     net.with_frozen_module_buffers(j, || {
         let h_out = net.forward_module(j, input, true);
-        let loss = net.loss(&net.head_logits(j, &h_out, true), labels);
+        let (loss, _) = net.local_loss(j, &h_out, labels, images, true);
         let output_grad = Tensor::run_backward(&[&loss], &[&h_out], true, true).remove(0);
         let penalty = distance(cfg.distance, &unscaled(&output_grad), target);
         scale_grad(&(&penalty * lambda)).backward();
@@ -342,18 +345,16 @@ fn local_backward(
     net: &SplitNet,
     k: usize,
     h_out: &Tensor,
-    labels: &Tensor,
+    (labels, images): (&Tensor, &Tensor),
     want_output_grad: bool,
 ) -> (Tensor, Tensor, Option<Tensor>) {
     if !want_output_grad {
-        let logits = net.head_logits(k, h_out, true);
-        let loss = net.loss(&logits, labels);
+        let (loss, logits) = net.local_loss(k, h_out, labels, images, true);
         loss.backward();
         return (loss, logits, None);
     }
     let head_input = h_out.detach().set_requires_grad(true);
-    let logits = net.head_logits(k, &head_input, true);
-    let loss = net.loss(&logits, labels);
+    let (loss, logits) = net.local_loss(k, &head_input, labels, images, true);
     loss.backward();
     let output_grad = head_input.grad().detach();
     // d/dθ Σ h_out ⊙ g = (∂h_out/∂θ)ᵀ g with g held constant: the units' share of the backward.
@@ -363,12 +364,17 @@ fn local_backward(
 
 /// ∂L_k/∂h_out through module `k`'s head alone, the same value `local_backward` returns (same
 /// batch statistics), with running statistics and parameter gradients left as they are.
-fn head_output_grad(net: &SplitNet, k: usize, h_out: &Tensor, labels: &Tensor) -> Tensor {
+fn head_output_grad(
+    net: &SplitNet,
+    k: usize,
+    h_out: &Tensor,
+    (labels, images): (&Tensor, &Tensor),
+) -> Tensor {
     let leaf = h_out.detach().set_requires_grad(true);
     // The backward reads the running statistics (saved by BatchNorm), so it runs before they
     // are restored.
     net.with_frozen_module_buffers(k, || {
-        let loss = net.loss(&net.head_logits(k, &leaf, true), labels);
+        let (loss, _) = net.local_loss(k, &leaf, labels, images, true);
         Tensor::run_backward(&[&loss], &[&leaf], false, false).remove(0)
     })
 }
@@ -402,7 +408,7 @@ fn tangent_penalty(
     k: usize,
     h_in: &Tensor,
     direction: Tensor,
-    labels: &Tensor,
+    (labels, images): (&Tensor, &Tensor),
     lambda: f64,
 ) {
     let units = net.module_ranges()[k].clone();
@@ -423,13 +429,12 @@ fn tangent_penalty(
     let adjoint = |(x, x_dot): &Dual| (x.grad(), x_dot.grad());
     // Head segment: the objective is λ·L̇ (the plain loss's gradient is already in place).
     let output = leaves(boundaries.pop().expect("module output"), true);
-    let logits = net.head_logits_dual(k, &output);
-    let (_, loss_dot) = net.loss_dual(&logits, labels);
+    let (_, loss_dot) = net.local_loss_dual(k, &output, labels, images);
     (loss_dot * lambda).backward();
     let mut output_adjoint = adjoint(&output);
     // The spent graph's nodes hold the leaves (and their values) as long as any output of
     // the graph lives, so all of it goes before the unit segments.
-    drop((output, logits));
+    drop(output);
     // Unit segments, last to first: recompute with graph, back-propagate the adjoint pair.
     let first = units.start;
     for u in units.rev() {
@@ -456,7 +461,7 @@ fn finite_difference_penalty(
     k: usize,
     h_in: &Tensor,
     mut v: Tensor,
-    labels: &Tensor,
+    (labels, images): (&Tensor, &Tensor),
     cfg: &SgrConfig,
     lambda: f64,
 ) {
@@ -471,8 +476,9 @@ fn finite_difference_penalty(
         .collect();
     let grads_at = |x: &Tensor| {
         net.with_frozen_module_buffers(k, || {
-            let logits = net.head_logits(k, &net.forward_module(k, x, true), true);
-            Tensor::run_backward(&[&net.loss(&logits, labels)], &params, false, false)
+            let (loss, _) =
+                net.local_loss(k, &net.forward_module(k, x, true), labels, images, true);
+            Tensor::run_backward(&[&loss], &params, false, false)
         })
     };
     // x = h + εv, then h − εv = 2h − (h + εv), both in v's storage; the rounding this adds is
@@ -528,7 +534,7 @@ mod tests {
             grad: SgrGrad::Fd,
             ..Default::default()
         };
-        finite_difference_penalty(&net, 1, &h, v, &labels, &sgr, sgr.lambda);
+        finite_difference_penalty(&net, 1, &h, v, (&labels, &x), &sgr, sgr.lambda);
         let moved = (&h - &before).abs().max().double_value(&[]);
         assert_eq!(moved, 0.0, "the ± passes left h moved by up to {moved}");
     }

@@ -19,12 +19,17 @@ fn by_ptr(list: Vec<(Tensor, Tensor)>) -> HashMap<usize, Tensor> {
 
 fn max_rel(a: &HashMap<usize, Tensor>, b: &HashMap<usize, Tensor>) -> f64 {
     assert_eq!(a.len(), b.len());
+    let largest = b
+        .values()
+        .map(|y| y.abs().max().double_value(&[]))
+        .fold(0.0, f64::max);
     a.iter()
         .map(|(p, x)| {
             let y = &b[p];
-            // A floor for parameters whose gradient is zero (a bias before a BatchNorm), where
-            // the central difference is rounding noise of order 1e-11.
-            let scale = y.abs().max().double_value(&[]).max(1e-4);
+            // A floor, relative to the largest entry of any parameter, for parameters whose
+            // gradient is (nearly) zero, such as a bias before a BatchNorm: there a central
+            // difference is rounding noise, about 1e-10 in absolute terms.
+            let scale = y.abs().max().double_value(&[]).max(1e-3 * largest);
             (x - y).abs().max().double_value(&[]) / scale
         })
         .fold(0.0, f64::max)
@@ -35,7 +40,7 @@ fn max_rel(a: &HashMap<usize, Tensor>, b: &HashMap<usize, Tensor>) -> f64 {
 fn assert_nested_matches_central_difference(net: &SplitNet, k: usize, b: i64, c: i64, s: i64) {
     let batch = tiny_batch(b, c, s, true, 21);
     let h = module_input(net, &batch, k);
-    let v = tch::no_grad(|| h.randn_like());
+    let v = sgr::model::with_seed(31, || tch::no_grad(|| h.randn_like()));
     let labels = &batch.labels;
     let seeds = [tangent_seed(5, 0, k, 0), tangent_seed(5, 0, k, 1)];
     let nested = penalty_estimate(net, k, &h, &v, labels, &seeds, false);
@@ -59,7 +64,9 @@ fn assert_nested_matches_central_difference(net: &SplitNet, k: usize, b: i64, c:
         .map(|(p, g)| (*p, (g - &minus[p]) / (2.0 * eps)))
         .collect();
     let err = max_rel(&slope, &central);
-    assert!(err < 1e-6, "module {k}: G' vs central difference: {err:e}");
+    // Measured 8e-8 (MLP) and 4e-7 (ResNet: the O(ε²) truncation of its tiny-batch
+    // BatchNorms) with these seeds; a wrong derivative is off by O(1).
+    assert!(err < 1e-5, "module {k}: G' vs central difference: {err:e}");
 }
 
 #[test]
@@ -132,7 +139,7 @@ fn penalty_estimate_is_unbiased_on_a_layer_wise_mlp() {
     let batch = tiny_batch(5, 1, 3, true, 8);
     let k = 1;
     let h = module_input(&net, &batch, k);
-    let v = tch::no_grad(|| h.randn_like());
+    let v = sgr::model::with_seed(31, || tch::no_grad(|| h.randn_like()));
     let exact = exact_penalty_gradient(&net, k, &h, &v, &batch.labels);
     let draws = 8_000;
     let moments = moments_by_name(&net, k, draws, |d| {
@@ -234,7 +241,7 @@ fn recomputing_estimate_equals_the_tape_estimate() {
                 err < 1e-10,
                 "module {k}: recomputed estimate off by {err:e}"
             );
-            let v = tch::no_grad(|| h.randn_like());
+            let v = sgr::model::with_seed(31, || tch::no_grad(|| h.randn_like()));
             let slopes = |recompute| {
                 let list = penalty_estimate(net, k, &h, &v, labels, &seeds, recompute);
                 by_ptr(list.into_iter().map(|(p, _, d)| (p, d)).collect())

@@ -219,26 +219,64 @@ pub struct BasicBlock {
     bn1: nn::BatchNorm,
     conv2: nn::Conv2D,
     bn2: nn::BatchNorm,
-    downsample: Option<(nn::Conv2D, nn::BatchNorm)>,
+    shortcut: Shortcut,
     stride: i64,
 }
 
-impl BasicBlock {
-    /// A block from `c_in` to `c_out` channels, strided on its first 3x3 convolution.
+/// A residual block's shortcut: the identity, or a strided 1x1 conv + BN projection
+/// (`downsample.{0,1}`, torchvision's names) when the block changes the shape.
+#[derive(Debug)]
+pub(crate) struct Shortcut {
+    projection: Option<(nn::Conv2D, nn::BatchNorm)>,
+    stride: i64,
+}
+
+impl Shortcut {
+    /// The shortcut of a block from `c_in` to `c_out` channels with stride `stride`. Built
+    /// before the block's own layers, so the initial weights drawn for a seed stay the same.
     pub(crate) fn new(p: &nn::Path, c_in: i64, c_out: i64, stride: i64) -> Self {
-        let downsample = (stride != 1 || c_in != c_out).then(|| {
+        let projection = (stride != 1 || c_in != c_out).then(|| {
             let d = p / "downsample";
             (
                 conv(&d / "0", c_in, c_out, 1, stride),
                 batch_norm(&d / "1", c_out),
             )
         });
+        Shortcut { projection, stride }
+    }
+
+    /// `relu(out + shortcut(xs))`: the end of the block.
+    pub(crate) fn join(&self, out: Tensor, xs: &Tensor, train: bool) -> Tensor {
+        let shortcut = match &self.projection {
+            Some((c, bn)) => xs.apply(c).apply_t(bn, train),
+            None => xs.shallow_clone(),
+        };
+        (out + shortcut).relu()
+    }
+
+    /// [`Shortcut::join`] in forward mode, for the block's output pair `h` and input pair.
+    pub(crate) fn join_dual(&self, h: Dual, input: &Dual) -> Dual {
+        let (out, out_dot) = match &self.projection {
+            Some((c, bn)) => {
+                let shortcut = dual::batch_norm(bn, &dual::conv(c, self.stride, input));
+                (h.0 + shortcut.0, h.1 + shortcut.1)
+            }
+            None => (h.0 + &input.0, h.1 + &input.1),
+        };
+        dual::relu(&(out, out_dot))
+    }
+}
+
+impl BasicBlock {
+    /// A block from `c_in` to `c_out` channels, strided on its first 3x3 convolution.
+    pub(crate) fn new(p: &nn::Path, c_in: i64, c_out: i64, stride: i64) -> Self {
+        let shortcut = Shortcut::new(p, c_in, c_out, stride);
         BasicBlock {
             conv1: conv(p / "conv1", c_in, c_out, 3, stride),
             bn1: batch_norm(p / "bn1", c_out),
             conv2: conv(p / "conv2", c_out, c_out, 3, 1),
             bn2: batch_norm(p / "bn2", c_out),
-            downsample,
+            shortcut,
             stride,
         }
     }
@@ -253,11 +291,7 @@ impl ModuleT for BasicBlock {
             .relu()
             .apply(&self.conv2)
             .apply_t(&self.bn2, train);
-        let shortcut = match &self.downsample {
-            Some((c, bn)) => xs.apply(c).apply_t(bn, train),
-            None => xs.shallow_clone(),
-        };
-        (out + shortcut).relu()
+        self.shortcut.join(out, xs, train)
     }
 }
 
@@ -268,14 +302,7 @@ impl ForwardDual for BasicBlock {
         h = dual::relu(&h);
         h = dual::conv(&self.conv2, 1, &h);
         h = dual::batch_norm(&self.bn2, &h);
-        let (out, out_dot) = match &self.downsample {
-            Some((c, bn)) => {
-                let shortcut = dual::batch_norm(bn, &dual::conv(c, self.stride, input));
-                (h.0 + shortcut.0, h.1 + shortcut.1)
-            }
-            None => (h.0 + &input.0, h.1 + &input.1),
-        };
-        dual::relu(&(out, out_dot))
+        self.shortcut.join_dual(h, input)
     }
 }
 

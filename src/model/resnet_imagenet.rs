@@ -18,7 +18,7 @@
 use super::FeatureShape;
 use super::dual::{self, Dual, ForwardDual};
 use super::network::{Built, Family, NetOptions, Network, Parsed, UnitSpec};
-use super::resnet::{BasicBlock, batch_norm, conv};
+use super::resnet::{BasicBlock, Shortcut, batch_norm, conv};
 use super::splits::{self, TableEntry};
 use crate::{Error, Result};
 use std::sync::Arc;
@@ -266,20 +266,14 @@ struct Bottleneck {
     bn2: nn::BatchNorm,
     conv3: nn::Conv2D,
     bn3: nn::BatchNorm,
-    downsample: Option<(nn::Conv2D, nn::BatchNorm)>,
+    shortcut: Shortcut,
     stride: i64,
 }
 
 impl Bottleneck {
     fn new(p: &nn::Path, c_in: i64, width: i64, stride: i64) -> Self {
         let c_out = width * EXPANSION;
-        let downsample = (stride != 1 || c_in != c_out).then(|| {
-            let d = p / "downsample";
-            (
-                conv(&d / "0", c_in, c_out, 1, stride),
-                batch_norm(&d / "1", c_out),
-            )
-        });
+        let shortcut = Shortcut::new(p, c_in, c_out, stride);
         Bottleneck {
             conv1: conv(p / "conv1", c_in, width, 1, 1),
             bn1: batch_norm(p / "bn1", width),
@@ -287,7 +281,7 @@ impl Bottleneck {
             bn2: batch_norm(p / "bn2", width),
             conv3: conv(p / "conv3", width, c_out, 1, 1),
             bn3: batch_norm(p / "bn3", c_out),
-            downsample,
+            shortcut,
             stride,
         }
     }
@@ -304,11 +298,7 @@ impl ModuleT for Bottleneck {
             .relu()
             .apply(&self.conv3)
             .apply_t(&self.bn3, train);
-        let shortcut = match &self.downsample {
-            Some((c, bn)) => xs.apply(c).apply_t(bn, train),
-            None => xs.shallow_clone(),
-        };
-        (out + shortcut).relu()
+        self.shortcut.join(out, xs, train)
     }
 }
 
@@ -322,14 +312,7 @@ impl ForwardDual for Bottleneck {
         h = dual::relu(&h);
         h = dual::conv(&self.conv3, 1, &h);
         h = dual::batch_norm(&self.bn3, &h);
-        let (out, out_dot) = match &self.downsample {
-            Some((c, bn)) => {
-                let shortcut = dual::batch_norm(bn, &dual::conv(c, self.stride, input));
-                (h.0 + shortcut.0, h.1 + shortcut.1)
-            }
-            None => (h.0 + &input.0, h.1 + &input.1),
-        };
-        dual::relu(&(out, out_dot))
+        self.shortcut.join_dual(h, input)
     }
 }
 

@@ -89,6 +89,14 @@ pub fn tangent_seed(seed: u64, step: usize, k: usize, t: usize) -> i64 {
     (z >> 1) as i64
 }
 
+/// The seeds of the `--fg-tangents` draws of module `k` at `step`: tangent indices
+/// `offset..offset + N` (rule `fg-sgr` keeps its three kinds of draws apart by the offset).
+pub(crate) fn tangent_seeds(cfg: &FgConfig, step: usize, k: usize, offset: usize) -> Vec<i64> {
+    (0..cfg.tangents.max(1))
+        .map(|t| tangent_seed(cfg.seed, step, k, offset + t))
+        .collect()
+}
+
 /// Forward-gradient local learning.
 pub struct Fg(pub FgConfig);
 
@@ -318,7 +326,6 @@ impl Rule for Fg {
                 "--fg-guess local needs a reverse pass, which --rule fg does not run".into(),
             ));
         }
-        let tangents = cfg.tangents.max(1);
         ensure_grad_slots(net);
         let modules = net.num_modules();
         let labels = &batch.labels;
@@ -326,9 +333,7 @@ impl Rule for Fg {
         let mut h = batch.images.shallow_clone();
         for k in 0..modules {
             let h_out = value_pass(net, k, &h, labels, &mut record);
-            let seeds: Vec<i64> = (0..tangents)
-                .map(|t| tangent_seed(cfg.seed, at.global_step, k, t))
-                .collect();
+            let seeds = tangent_seeds(cfg, at.global_step, k, 0);
             let estimates = estimate_with(net, k, &h, labels, &seeds, cfg.recompute);
             add_estimates(net, k, estimates)?;
             h = h_out;

@@ -45,7 +45,7 @@
 //! also computes its forward derivative). Memory: what `fg` keeps, plus the outer tangents of
 //! the tape's kept inputs.
 use super::fg::{
-    FgConfig, FgGuess, add_estimates, ensure_grad_slots, estimate_with, tangent_seed, value_pass,
+    FgConfig, FgGuess, add_estimates, ensure_grad_slots, estimate_with, tangent_seeds, value_pass,
 };
 use super::{Rule, SgrConfig, StepContext, StepRecorder, StepStats};
 use crate::data::Batch;
@@ -67,12 +67,6 @@ pub struct FgSgr {
     pub fg: FgConfig,
     /// λ, its schedule, `--sgr-from`, `--sgr-every` (distance `l2`, receiver side).
     pub sgr: SgrConfig,
-}
-
-fn seeds(cfg: &FgConfig, step: usize, k: usize, offset: usize) -> Vec<i64> {
-    (0..cfg.tangents.max(1))
-        .map(|t| tangent_seed(cfg.seed, step, k, offset + t))
-        .collect()
 }
 
 /// The forward-gradient estimate of `∂L/∂x` of the mean cross-entropy of `logits_of(x)`,
@@ -175,10 +169,16 @@ impl Rule for FgSgr {
             let h_out = value_pass(net, k, &h, labels, &mut record);
             // Module numbers are 1-based in the CLI, as in rule `sgr`.
             let boundary = k >= 1 && k + 1 >= sgr.from;
-            let tape_seeds = seeds(fg, step, k, 0);
+            let tape_seeds = tangent_seeds(fg, step, k, 0);
             let estimates = match target.take().filter(|_| active && boundary) {
                 Some(target) => {
-                    let g_in = input_gradient(net, k, &h, labels, &seeds(fg, step, k, INPUT_DRAWS));
+                    let g_in = input_gradient(
+                        net,
+                        k,
+                        &h,
+                        labels,
+                        &tangent_seeds(fg, step, k, INPUT_DRAWS),
+                    );
                     let b = labels.size()[0] as f64;
                     let diff = g_in - target;
                     record.penalty(k, &(diff.square().sum(diff.kind()) * b));
@@ -193,7 +193,7 @@ impl Rule for FgSgr {
             add_estimates(net, k, estimates)?;
             let sends = active && k + 1 < modules && k + 2 >= sgr.from;
             if sends {
-                let draws = seeds(fg, step, k, OUTPUT_DRAWS);
+                let draws = tangent_seeds(fg, step, k, OUTPUT_DRAWS);
                 target = Some(output_gradient(net, k, &h_out, labels, &draws));
             }
             h = h_out;

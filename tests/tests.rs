@@ -8,6 +8,7 @@ mod imagefolder;
 mod imagenet_resnet;
 mod local_loss;
 mod model;
+mod pipeline;
 mod precision;
 mod reference;
 mod reliability;

@@ -685,7 +685,8 @@ impl<'a> Trainer<'a> {
                     self.diverged_hint(state)
                 )),
                 other => other,
-            })?;
+            })?
+            .stats;
             for step in &stats {
                 totals.add(step);
             }

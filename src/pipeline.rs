@@ -481,6 +481,8 @@ pub fn run_segment(
 ) -> Result<SegmentOutcome> {
     let workers = stages.len();
     let shared = SharedNet(net);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let per_stage_threads = (cores / workers).max(1);
     // Channel s feeds stage s; back channel s carries targets from stage s+1 to stage s.
     let (feeds, mut inputs): (Vec<_>, Vec<_>) =
         (0..workers).map(|_| sync_channel::<Packet>(QUEUE)).unzip();
@@ -527,6 +529,11 @@ pub fn run_segment(
                             last: s + 1 == workers,
                             timing: StageTiming::default(),
                         };
+                        if cfg.threads == 0 {
+                            // libtorch's default is one thread per core in every thread: W
+                            // stages would each take all cores. They share them instead.
+                            tch::set_num_threads(per_stage_threads as i32);
+                        }
                         let stats = run_stage(cfg, &mut stage, &mut link, segment)?;
                         Ok((stats, stage.timing))
                     })

@@ -331,3 +331,32 @@ pub fn picked(net: &SplitNet, k: usize, picks: &[(usize, usize)]) -> Vec<f64> {
         .map(|&(i, j)| vars[i].1.grad().view(-1).double_value(&[j as i64]))
         .collect()
 }
+
+/// Runs the `sgr` binary with `args`: its exit code (-1 if killed) and its stderr.
+pub fn sgr_status(args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sgr"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+/// Runs the `sgr` binary with `args` and asserts a clean refusal: a non-zero exit, `needle` on
+/// an `error` line, no panic, exactly one line of output when `one_line` (clap's own messages
+/// for unknown values span lines), and nothing at `out` (no run folder).
+pub fn assert_refused(args: &[&str], needle: &str, one_line: bool, out: &std::path::Path) {
+    let (code, err) = sgr_status(args);
+    assert_ne!(code, 0, "{args:?} succeeded");
+    assert!(
+        err.contains("error") && err.contains(needle),
+        "{args:?}: {err}"
+    );
+    if one_line {
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+    }
+    assert_no_panic(&err);
+    assert!(!out.exists(), "{args:?} wrote the run folder");
+}

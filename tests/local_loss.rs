@@ -8,7 +8,6 @@ use sgr::model::{
 };
 use sgr::rules::sgr::distance;
 use sgr::rules::{self, RuleKind, SgrConfig, SgrDistance, SgrGrad};
-use std::process::Command;
 use tch::{Device, Tensor};
 
 /// The three non-ce losses under test.
@@ -290,17 +289,6 @@ fn a_loss_s_layers_are_its_head_s_and_change_the_local_gradient() {
     }
 }
 
-fn sgr_cmd(args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_sgr"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
-}
-
 #[test]
 fn bad_local_loss_input_is_one_clear_error_and_no_run_folder() {
     let tmp = tempfile::tempdir().unwrap();
@@ -324,17 +312,7 @@ fn bad_local_loss_input_is_one_clear_error_and_no_run_folder() {
         let mut args: Vec<&str> = base.to_vec();
         args.extend_from_slice(extra);
         args.extend_from_slice(&["--out", o]);
-        let (code, err) = sgr_cmd(&args);
-        assert_ne!(code, 0, "{extra:?} succeeded");
-        assert!(
-            err.contains("error") && err.contains(needle),
-            "{extra:?}: {err}"
-        );
-        if one_line {
-            assert_eq!(err.trim().lines().count(), 1, "{extra:?}: {err}");
-        }
-        assert_no_panic(&err);
-        assert!(!out.exists(), "{extra:?} wrote the run folder");
+        assert_refused(&args, needle, one_line, &out);
     };
     let refused = |extra: &[&str], needle: &str| refused_as(extra, needle, true);
     let dgl = ["--model", "resnet20", "--rule", "dgl", "--modules", "2"];
@@ -395,10 +373,10 @@ fn bad_local_loss_input_is_one_clear_error_and_no_run_folder() {
     let mut args: Vec<&str> = base.to_vec();
     args.extend_from_slice(&dgl);
     args.extend_from_slice(&["--local-loss", "predsim", "--out", o]);
-    let (code, err) = sgr_cmd(&args);
+    let (code, err) = sgr_status(&args);
     assert_eq!(code, 0, "{err}");
     let ckpt = std::fs::read(out.join("checkpoint.safetensors")).unwrap();
-    let (code, err) = sgr_cmd(&["train", "--resume", "--out", o, "--local-loss", "infopro"]);
+    let (code, err) = sgr_status(&["train", "--resume", "--out", o, "--local-loss", "infopro"]);
     assert_ne!(code, 0);
     assert!(
         err.contains("--local-loss cannot change when resuming"),

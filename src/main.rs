@@ -85,6 +85,25 @@ enum Command {
     /// that the bad-input checks would notice a panic.
     #[command(hide = true)]
     InternalPanic,
+    /// Internal: under `mpirun -np 2`, send tensors of every kind and pipeline packets from
+    /// rank 0 to rank 1 and back, each rank writing what it received to
+    /// <out>/rank<r>.safetensors; optionally kill or fail a rank on purpose (the tests check that
+    /// the job then ends, non-zero).
+    #[command(hide = true)]
+    InternalMpiSelftest {
+        /// Folder for rank0.safetensors and rank1.safetensors.
+        #[arg(long)]
+        out: PathBuf,
+        /// Then ping-pong until this rank kills itself with SIGKILL.
+        #[arg(long)]
+        kill_rank: Option<usize>,
+        /// Round of the ping-pong at which --kill-rank kills itself.
+        #[arg(long, default_value_t = 10)]
+        kill_after: usize,
+        /// This rank fails with an error instead of taking part.
+        #[arg(long)]
+        fail_rank: Option<usize>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -511,6 +530,23 @@ fn run(cli: Cli) -> Result<()> {
         } => sweep(&preset, out, dry_run, jobs, device),
         Command::Report { dir, out } => report(&dir, out),
         Command::InternalPanic => panic!("deliberate panic (sgr internal-panic)"),
+        Command::InternalMpiSelftest {
+            out,
+            kill_rank,
+            kill_after,
+            fail_rank,
+        } => {
+            let opts = sgr::distributed::SelftestOptions {
+                out,
+                kill_rank,
+                kill_after,
+                fail_rank,
+            };
+            if let Some(msg) = sgr::distributed::selftest(&opts)? {
+                println!("{msg}");
+            }
+            Ok(())
+        }
         Command::Bench { command } => match *command {
             BenchCommand::Data(args) => bench_data(&args),
             BenchCommand::Memory(mut args) => {

@@ -3,7 +3,7 @@
 //! The backbone and classifier get the gradient of the last loss only. When K > 1, the auxiliary
 //! heads still exist and are trained on *detached* module outputs, so they act as depth-wise
 //! probes (their accuracies are comparable to the local rules') without changing the backbone.
-use super::{Rule, StepContext, StepRecorder, StepStats};
+use super::{Carry, ModuleOutcome, Rule, StepContext, StepRecorder, StepStats};
 use crate::Result;
 use crate::data::Batch;
 use crate::model::SplitNet;
@@ -16,7 +16,7 @@ impl Rule for Bp {
         let modules = net.num_modules();
         let mut h = batch.images.shallow_clone();
         let mut total = None;
-        let mut record = StepRecorder::new(modules, batch.labels.size()[0]);
+        let mut record = StepRecorder::new(0..modules, batch.labels.size()[0]);
         for k in 0..modules {
             h = net.forward_module(k, &h, true);
             let last = k + 1 == modules;
@@ -34,5 +34,20 @@ impl Rule for Bp {
             total.backward();
         }
         Ok(record.finish())
+    }
+
+    /// bp's step is one backward through every module, so it cannot be cut at a boundary.
+    fn module_step(
+        &self,
+        _net: &SplitNet,
+        _k: usize,
+        _carry: Carry,
+        _batch: &Batch,
+        _at: &StepContext,
+        _record: &mut StepRecorder,
+    ) -> Result<ModuleOutcome> {
+        Err(crate::Error::Config(
+            "--rule bp back-propagates through every module at once, so its step cannot be cut into modules (pipeline stages need a local rule)".into(),
+        ))
     }
 }

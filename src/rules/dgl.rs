@@ -4,7 +4,7 @@
 //! *detached*, so its local loss L_k (`--local-loss`; CE(head_k(f_k(sg(h_{k-1}))), y) by default) reaches only
 //! θ_k and the head's parameters. Its graph is released by its own backward before module k+1 runs, which
 //! is where the memory saving comes from: only one module's activations are alive at a time.
-use super::{Rule, StepContext, StepRecorder, StepStats};
+use super::{Carry, ModuleOutcome, Rule, StepContext, StepRecorder};
 use crate::Result;
 use crate::data::Batch;
 use crate::model::SplitNet;
@@ -13,17 +13,25 @@ use crate::model::SplitNet;
 pub struct Dgl;
 
 impl Rule for Dgl {
-    fn step(&self, net: &SplitNet, batch: &Batch, _at: &StepContext) -> Result<StepStats> {
-        let modules = net.num_modules();
-        let mut h = batch.images.shallow_clone();
-        let mut record = StepRecorder::new(modules, batch.labels.size()[0]);
-        for k in 0..modules {
-            let h_out = net.forward_module(k, &h.detach(), true);
-            let (loss, logits) = net.local_loss(k, &h_out, &batch.labels, &batch.images, true);
-            loss.backward(); // frees module k's graph
-            record.loss(&loss, &logits, &batch.labels, k + 1 == modules);
-            h = h_out.detach();
-        }
-        Ok(record.finish())
+    fn module_step(
+        &self,
+        net: &SplitNet,
+        k: usize,
+        carry: Carry,
+        batch: &Batch,
+        _at: &StepContext,
+        record: &mut StepRecorder,
+    ) -> Result<ModuleOutcome> {
+        let h_out = net.forward_module(k, &carry.h.detach(), true);
+        let (loss, logits) = net.local_loss(k, &h_out, &batch.labels, &batch.images, true);
+        loss.backward(); // frees module k's graph
+        record.loss(&loss, &logits, &batch.labels, k + 1 == net.num_modules());
+        Ok(ModuleOutcome {
+            carry: Carry {
+                h: h_out.detach(),
+                forwarded: None,
+            },
+            back: None,
+        })
     }
 }

@@ -28,7 +28,7 @@
 //! The value pass that moves BatchNorm running statistics and feeds the next module is one
 //! plain forward per module (under `no_grad`); the tangent passes never touch running
 //! statistics.
-use super::{Rule, StepContext, StepRecorder, StepStats};
+use super::{Carry, ModuleOutcome, Rule, StepContext, StepRecorder};
 use crate::data::Batch;
 use crate::model::dual::Dual;
 use crate::model::{SplitNet, perturb, with_seed};
@@ -292,17 +292,18 @@ pub(crate) fn add_estimates(
     Ok(())
 }
 
-/// Gives every trainable parameter of `net` a gradient tensor if it has none yet.
+/// Gives every trainable parameter of module `k` (units and head) a gradient tensor if it has
+/// none yet (one module at a time: a pipeline stage touches only its own modules).
 ///
 /// Rust's libtorch bindings offer no way to attach a `.grad` to a tensor other than a backward
 /// pass, so the first time a parameter lacks one, its slot is made by a backward of `0·Σθ`:
 /// a graph of the parameters alone, touching no data. Once slots exist (after the first step
 /// of a run; the optimizer keeps them) this does nothing.
-pub fn ensure_grad_slots(net: &SplitNet) {
+pub fn ensure_grad_slots(net: &SplitNet, k: usize) {
     let missing: Vec<Tensor> = net
-        .vs
-        .trainable_variables()
+        .module_variables(k, true)
         .into_iter()
+        .map(|(_, t)| t)
         .filter(|t| !t.grad().defined())
         .collect();
     if missing.is_empty() {
@@ -318,26 +319,40 @@ pub fn ensure_grad_slots(net: &SplitNet) {
     });
 }
 
+/// The error for `--fg-guess local` under a forward-gradient rule (`rule` names it).
+pub(crate) fn check_guess(cfg: &FgConfig, rule: &str) -> Result<()> {
+    if cfg.guess != FgGuess::Random {
+        return Err(Error::Config(format!(
+            "--fg-guess local needs a reverse pass, which --rule {rule} does not run"
+        )));
+    }
+    Ok(())
+}
+
 impl Rule for Fg {
-    fn step(&self, net: &SplitNet, batch: &Batch, at: &StepContext) -> Result<StepStats> {
+    fn module_step(
+        &self,
+        net: &SplitNet,
+        k: usize,
+        carry: Carry,
+        batch: &Batch,
+        at: &StepContext,
+        record: &mut StepRecorder,
+    ) -> Result<ModuleOutcome> {
         let cfg = &self.0;
-        if cfg.guess != FgGuess::Random {
-            return Err(Error::Config(
-                "--fg-guess local needs a reverse pass, which --rule fg does not run".into(),
-            ));
-        }
-        ensure_grad_slots(net);
-        let modules = net.num_modules();
+        check_guess(cfg, "fg")?;
+        ensure_grad_slots(net, k);
         let labels = &batch.labels;
-        let mut record = StepRecorder::new(modules, labels.size()[0]);
-        let mut h = batch.images.shallow_clone();
-        for k in 0..modules {
-            let h_out = value_pass(net, k, &h, labels, &mut record);
-            let seeds = tangent_seeds(cfg, at.global_step, k, 0);
-            let estimates = estimate_with(net, k, &h, labels, &seeds, cfg.recompute);
-            add_estimates(net, k, estimates)?;
-            h = h_out;
-        }
-        Ok(record.finish())
+        let h_out = value_pass(net, k, &carry.h, labels, record);
+        let seeds = tangent_seeds(cfg, at.global_step, k, 0);
+        let estimates = estimate_with(net, k, &carry.h, labels, &seeds, cfg.recompute);
+        add_estimates(net, k, estimates)?;
+        Ok(ModuleOutcome {
+            carry: Carry {
+                h: h_out,
+                forwarded: None,
+            },
+            back: None,
+        })
     }
 }

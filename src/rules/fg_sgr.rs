@@ -45,14 +45,15 @@
 //! also computes its forward derivative). Memory: what `fg` keeps, plus the outer tangents of
 //! the tape's kept inputs.
 use super::fg::{
-    FgConfig, FgGuess, add_estimates, ensure_grad_slots, estimate_with, tangent_seeds, value_pass,
+    FgConfig, add_estimates, check_guess, ensure_grad_slots, estimate_with, tangent_seeds,
+    value_pass,
 };
-use super::{Rule, SgrConfig, StepContext, StepRecorder, StepStats};
+use super::{Carry, ModuleOutcome, Rule, SgrConfig, StepContext, StepRecorder};
+use crate::Result;
 use crate::data::Batch;
 use crate::model::dual::Dual;
 use crate::model::forward_ad::DualLevel;
 use crate::model::{SplitNet, perturb, with_seed};
-use crate::{Error, Result};
 use tch::Tensor;
 
 /// Offsets of the tangent index that keep the three kinds of draws of one (step, module) on
@@ -149,55 +150,55 @@ pub fn penalty_estimate(
 }
 
 impl Rule for FgSgr {
-    fn step(&self, net: &SplitNet, batch: &Batch, at: &StepContext) -> Result<StepStats> {
+    fn module_step(
+        &self,
+        net: &SplitNet,
+        k: usize,
+        carry: Carry,
+        batch: &Batch,
+        at: &StepContext,
+        record: &mut StepRecorder,
+    ) -> Result<ModuleOutcome> {
         let (fg, sgr) = (&self.fg, &self.sgr);
-        if fg.guess != FgGuess::Random {
-            return Err(Error::Config(
-                "--fg-guess local needs a reverse pass, which --rule fg-sgr does not run".into(),
-            ));
-        }
+        check_guess(fg, "fg-sgr")?;
         let lambda = sgr.lambda_at(at.epoch);
         let active = lambda != 0.0 && at.global_step.is_multiple_of(sgr.every.max(1));
-        ensure_grad_slots(net);
+        ensure_grad_slots(net, k);
         let modules = net.num_modules();
         let labels = &batch.labels;
         let step = at.global_step;
-        let mut record = StepRecorder::new(modules, labels.size()[0]);
-        let mut h = batch.images.shallow_clone();
-        let mut target: Option<Tensor> = None;
-        for k in 0..modules {
-            let h_out = value_pass(net, k, &h, labels, &mut record);
-            // Module numbers are 1-based in the CLI, as in rule `sgr`.
-            let boundary = k >= 1 && k + 1 >= sgr.from;
-            let tape_seeds = tangent_seeds(fg, step, k, 0);
-            let estimates = match target.take().filter(|_| active && boundary) {
-                Some(target) => {
-                    let g_in = input_gradient(
-                        net,
-                        k,
-                        &h,
-                        labels,
-                        &tangent_seeds(fg, step, k, INPUT_DRAWS),
-                    );
-                    let b = labels.size()[0] as f64;
-                    let diff = g_in - target;
-                    record.penalty(k, &(diff.square().sum(diff.kind()) * b));
-                    let v = diff * (2.0 * b);
-                    penalty_estimate(net, k, &h, &v, labels, &tape_seeds, fg.recompute)
-                        .into_iter()
-                        .map(|(p, g, slope)| (p, g + slope * lambda))
-                        .collect()
-                }
-                None => estimate_with(net, k, &h, labels, &tape_seeds, fg.recompute),
-            };
-            add_estimates(net, k, estimates)?;
-            let sends = active && k + 1 < modules && k + 2 >= sgr.from;
-            if sends {
-                let draws = tangent_seeds(fg, step, k, OUTPUT_DRAWS);
-                target = Some(output_gradient(net, k, &h_out, labels, &draws));
+        let h = &carry.h;
+        let h_out = value_pass(net, k, h, labels, record);
+        // Module numbers are 1-based in the CLI, as in rule `sgr`.
+        let boundary = k >= 1 && k + 1 >= sgr.from;
+        let tape_seeds = tangent_seeds(fg, step, k, 0);
+        let estimates = match carry.forwarded.filter(|_| active && boundary) {
+            Some(target) => {
+                let g_in =
+                    input_gradient(net, k, h, labels, &tangent_seeds(fg, step, k, INPUT_DRAWS));
+                let b = labels.size()[0] as f64;
+                let diff = g_in - target;
+                record.penalty(k, &(diff.square().sum(diff.kind()) * b));
+                let v = diff * (2.0 * b);
+                penalty_estimate(net, k, h, &v, labels, &tape_seeds, fg.recompute)
+                    .into_iter()
+                    .map(|(p, g, slope)| (p, g + slope * lambda))
+                    .collect()
             }
-            h = h_out;
-        }
-        Ok(record.finish())
+            None => estimate_with(net, k, h, labels, &tape_seeds, fg.recompute),
+        };
+        add_estimates(net, k, estimates)?;
+        let sends = active && k + 1 < modules && k + 2 >= sgr.from;
+        let forwarded = sends.then(|| {
+            let draws = tangent_seeds(fg, step, k, OUTPUT_DRAWS);
+            output_gradient(net, k, &h_out, labels, &draws)
+        });
+        Ok(ModuleOutcome {
+            carry: Carry {
+                h: h_out,
+                forwarded,
+            },
+            back: None,
+        })
     }
 }

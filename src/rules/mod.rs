@@ -85,6 +85,20 @@ pub struct StepStats {
 }
 
 impl StepStats {
+    /// One step's stats from the stats of its pipeline stages, in stage order (each covers
+    /// its own modules; the last stage's holds the correct count).
+    pub fn concat(parts: Vec<StepStats>) -> StepStats {
+        let mut all = StepStats::default();
+        for part in parts {
+            all.module_losses.extend(part.module_losses);
+            all.penalties.extend(part.penalties);
+            all.penalty_applied.extend(part.penalty_applied);
+            all.correct += part.correct;
+            all.samples = part.samples;
+        }
+        all
+    }
+
     /// The network's (last module's) loss.
     pub fn loss(&self) -> f64 {
         *self.module_losses.last().unwrap_or(&f64::NAN)
@@ -110,11 +124,132 @@ impl StepContext {
     }
 }
 
-/// One training step.
-pub trait Rule {
+/// What module k hands module k+1 within one step.
+#[derive(Debug)]
+pub struct Carry {
+    /// Module k's output, detached (the batch's images before module 0).
+    pub h: Tensor,
+    /// SGR (receiver side): `sg[∂L_k/∂h_k]`, the target of module k+1's penalty, when module
+    /// k+1 is regularised at this step.
+    pub forwarded: Option<Tensor>,
+}
+
+impl Carry {
+    /// What module 0 receives: the batch's images.
+    pub fn input(batch: &Batch) -> Self {
+        Carry {
+            h: batch.images.shallow_clone(),
+            forwarded: None,
+        }
+    }
+}
+
+/// What module k's part of a step returns.
+#[derive(Debug)]
+pub struct ModuleOutcome {
+    /// What module k+1 receives.
+    pub carry: Carry,
+    /// SGR (sender side): `sg[∂L_k/∂h_{k-1}]` of the plain loss, the target of module k-1's
+    /// sender penalty ([`Rule::sender_step`]), when module k-1 is penalised at this step.
+    pub back: Option<Tensor>,
+}
+
+/// One training step, cut at module boundaries.
+///
+/// A local rule's step is a chain: module k needs only what module k-1 hands it in the same
+/// step ([`Carry`]), so [`run_modules`] can run any contiguous range of modules, and the
+/// pipeline ([`crate::pipeline`]) runs the ranges on different workers. `Send + Sync`: a
+/// pipeline shares one rule between its stage threads (rules hold settings only).
+pub trait Rule: Send + Sync {
     /// Forward and backward on `batch` at `at`, leaving gradients in `net`'s parameters (which
     /// the caller zeroed).
-    fn step(&self, net: &SplitNet, batch: &Batch, at: &StepContext) -> Result<StepStats>;
+    fn step(&self, net: &SplitNet, batch: &Batch, at: &StepContext) -> Result<StepStats> {
+        let modules = net.num_modules();
+        let mut record = StepRecorder::new(0..modules, batch.labels.size()[0]);
+        let no_upstream = |_: Tensor| -> Result<()> { unreachable!("module 0 has no sender") };
+        run_modules(
+            self,
+            net,
+            0..modules,
+            Carry::input(batch),
+            batch,
+            at,
+            &mut record,
+            no_upstream,
+        )?;
+        Ok(record.finish())
+    }
+
+    /// Module `k`'s part of a step on `carry` from module k-1: its forward, its backward
+    /// (gradients into module k's parameters and head only) and what it hands on.
+    fn module_step(
+        &self,
+        net: &SplitNet,
+        k: usize,
+        carry: Carry,
+        batch: &Batch,
+        at: &StepContext,
+        record: &mut StepRecorder,
+    ) -> Result<ModuleOutcome>;
+
+    /// Whether module `k` returns a [`ModuleOutcome::back`] target at `at` (sender-side SGR),
+    /// so module k-1 must keep its input for [`Rule::sender_step`].
+    fn sends_back(&self, _net: &SplitNet, _k: usize, _at: &StepContext) -> bool {
+        false
+    }
+
+    /// Module `j`'s sender-side penalty, once module j+1 gave its `target` (see
+    /// [`ModuleOutcome::back`]); `input` is module j's input in this step.
+    fn sender_step(
+        &self,
+        _net: &SplitNet,
+        _j: usize,
+        _input: &Tensor,
+        _target: &Tensor,
+        _batch: &Batch,
+        _at: &StepContext,
+        _record: &mut StepRecorder,
+    ) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Runs modules `modules` of one step from `carry` (what module `modules.start - 1` handed
+/// on) and returns what the last of them hands on, with the last module's input when module
+/// `modules.end` will send a sender-side target back to it.
+///
+/// A target that module `modules.start` sends back to its predecessor (in another pipeline
+/// stage) goes to `upstream`; targets inside the range are applied at once, in the order the
+/// sequential step applies them.
+#[allow(clippy::too_many_arguments)]
+pub fn run_modules<R: Rule + ?Sized>(
+    rule: &R,
+    net: &SplitNet,
+    modules: std::ops::Range<usize>,
+    mut carry: Carry,
+    batch: &Batch,
+    at: &StepContext,
+    record: &mut StepRecorder,
+    mut upstream: impl FnMut(Tensor) -> Result<()>,
+) -> Result<(Carry, Option<Tensor>)> {
+    // Module k-1's input, kept while module k may still send it a target.
+    let mut prev_input: Option<Tensor> = None;
+    for k in modules.clone() {
+        let input = rule.sends_back(net, k + 1, at).then(|| carry.h.detach());
+        let outcome = rule.module_step(net, k, carry, batch, at, record)?;
+        if let Some(target) = outcome.back {
+            match prev_input.take() {
+                Some(input) => rule.sender_step(net, k - 1, &input, &target, batch, at, record)?,
+                None if k == modules.start => upstream(target)?,
+                None => {
+                    unreachable!("module {k} sent back a target its predecessor did not expect")
+                }
+            }
+        }
+        prev_input = input;
+        carry = outcome.carry;
+    }
+    Ok((carry, prev_input))
 }
 
 /// Builds the rule `kind`; `sgr` is used by the SGR rule only (`fg` takes its defaults, see
@@ -185,7 +320,9 @@ fn correct_tensor(logits: &Tensor, labels: &Tensor) -> Tensor {
 /// Collects a step's numbers as device tensors and copies them to the host once, in
 /// [`StepRecorder::finish`]: reading each loss as it is computed would stall a GPU's queue
 /// once per module.
-pub(crate) struct StepRecorder {
+pub struct StepRecorder {
+    /// The modules this recorder covers (a pipeline stage records its own).
+    first: usize,
     losses: Vec<Tensor>,
     penalties: Vec<Option<Tensor>>,
     correct: Option<Tensor>,
@@ -193,18 +330,20 @@ pub(crate) struct StepRecorder {
 }
 
 impl StepRecorder {
-    /// A recorder for a net of `modules` modules and a batch of `samples`.
-    pub(crate) fn new(modules: usize, samples: i64) -> Self {
+    /// A recorder for modules `modules` (all of them, or a pipeline stage's) and a batch of
+    /// `samples`.
+    pub fn new(modules: std::ops::Range<usize>, samples: i64) -> Self {
         StepRecorder {
-            losses: Vec::with_capacity(modules),
-            penalties: (0..modules).map(|_| None).collect(),
+            first: modules.start,
+            losses: Vec::with_capacity(modules.len()),
+            penalties: modules.map(|_| None).collect(),
             correct: None,
             samples,
         }
     }
 
-    /// Records module `losses.len()`'s plain local loss; `logits` of the last module also
-    /// give the step's correct count.
+    /// Records the next module's plain local loss (modules record in order); `logits` of the
+    /// last module also give the step's correct count.
     pub(crate) fn loss(&mut self, loss: &Tensor, logits: &Tensor, labels: &Tensor, last: bool) {
         self.losses.push(loss.detach());
         if last {
@@ -216,14 +355,15 @@ impl StepRecorder {
     /// one on each side).
     pub(crate) fn penalty(&mut self, k: usize, penalty: &Tensor) {
         let penalty = penalty.detach();
+        let k = k - self.first;
         self.penalties[k] = Some(match self.penalties[k].take() {
             Some(p) => p + penalty,
             None => penalty,
         });
     }
 
-    /// The step's numbers on the host (one device-to-host copy).
-    pub(crate) fn finish(self) -> StepStats {
+    /// The step's numbers on the host (one device-to-host copy), for the recorder's modules.
+    pub fn finish(self) -> StepStats {
         let modules = self.losses.len();
         let mut values: Vec<Tensor> = self.losses;
         let have_penalty: Vec<bool> = self.penalties.iter().map(Option::is_some).collect();

@@ -37,7 +37,7 @@
 //! to rounding (tested to 1e-10 in f64) and needs less memory at every K ≥ 4 (ResNet-32, batch
 //! 128: 160 vs 300 MiB at K=4, 136 vs 184 at K=16), for 1.2–1.4x the time (BENCHMARKS.md).
 //! See `../shared/research/paper.md` §3.3–3.6 for which parts are confirmed and which are ours.
-use super::{Rule, StepContext, StepRecorder, StepStats};
+use super::{Carry, ModuleOutcome, Rule, StepContext, StepRecorder};
 use crate::Result;
 use crate::data::Batch;
 use crate::model::SplitNet;
@@ -213,98 +213,124 @@ pub fn distance(kind: SgrDistance, g_in: &Tensor, target: &Tensor) -> Tensor {
 /// Successive gradient reconciliation.
 pub struct Sgr(pub SgrConfig);
 
+impl Sgr {
+    /// λ at `at`, when the penalty applies at this step.
+    fn active_lambda(&self, at: &StepContext) -> Option<f64> {
+        let lambda = self.0.lambda_at(at.epoch);
+        (lambda != 0.0 && at.global_step.is_multiple_of(self.0.every.max(1))).then_some(lambda)
+    }
+}
+
 impl Rule for Sgr {
-    fn step(&self, net: &SplitNet, batch: &Batch, at: &StepContext) -> Result<StepStats> {
+    fn module_step(
+        &self,
+        net: &SplitNet,
+        k: usize,
+        carry: Carry,
+        batch: &Batch,
+        at: &StepContext,
+        record: &mut StepRecorder,
+    ) -> Result<ModuleOutcome> {
         let cfg = &self.0;
         let modules = net.num_modules();
-        let lambda = cfg.lambda_at(at.epoch);
-        let active = lambda != 0.0 && at.global_step.is_multiple_of(cfg.every.max(1));
-        let (receiver, sender) = (active && cfg.side.receiver(), active && cfg.side.sender());
+        let lambda = self.active_lambda(at).unwrap_or(0.0);
+        let receiver = lambda != 0.0 && cfg.side.receiver();
         let labels = &batch.labels;
         let images = &batch.images;
-        let mut record = StepRecorder::new(modules, labels.size()[0]);
-        let mut h = batch.images.shallow_clone();
-        let mut prev_output_grad: Option<Tensor> = None;
-        // The previous module's input, kept for its sender-side penalty (recomputed after this
-        // module has given its input gradient, so two graphs are never alive at once).
-        let mut prev_input: Option<Tensor> = None;
-        for k in 0..modules {
-            // Module numbers are 1-based in the CLI: module k here is number k + 1, and the
-            // boundary in front of it is regularised when k + 1 >= from.
-            let boundary = k >= 1 && k + 1 >= cfg.from;
-            let target = prev_output_grad.take().filter(|_| receiver && boundary);
-            let sends = receiver && k + 1 < modules && k + 2 >= cfg.from;
-            let gives_target = sender && boundary;
-            let h_in = h
-                .detach()
-                .set_requires_grad(target.is_some() || gives_target);
-            let h_out = net.forward_module(k, &h_in, true);
-            let h_next = h_out.detach();
-            let last = k + 1 == modules;
-            // ∂L_k/∂h_in of the plain loss, detached: the sender-side target of module k-1.
-            let input_grad_of_plain_loss;
-            prev_output_grad = match target {
-                Some(target) if cfg.grad == SgrGrad::Exact => {
-                    let (loss, logits) = net.local_loss(k, &h_out, labels, images, true);
-                    record.loss(&loss, &logits, labels, last);
-                    // Both gradients are of the plain loss L_k, taken before the penalty exists.
-                    let inputs: &[&Tensor] = if sends { &[&h_in, &h_out] } else { &[&h_in] };
-                    let mut grads = Tensor::run_backward(&[&loss], inputs, true, true);
-                    // Under fp16 loss scaling the gradients are S times too large: D compares
-                    // them unscaled, in f32 (a no-op at fp32).
-                    let output_grad = sends
-                        .then(|| grads.pop().map(|g| unscaled(&g.detach())))
-                        .flatten();
-                    let input_grad = unscaled(&grads.remove(0));
-                    input_grad_of_plain_loss = gives_target.then(|| input_grad.detach());
-                    let penalty = distance(cfg.distance, &input_grad, &target);
-                    record.penalty(k, &penalty);
-                    // Only the penalty's own graph needs the two gradients from here on.
-                    drop((input_grad, target));
-                    (loss + scale_grad(&(&penalty * lambda))).backward();
-                    output_grad
-                }
-                Some(target) => {
-                    let (loss, logits, _) = local_backward(net, k, &h_out, (labels, images), false);
-                    record.loss(&loss, &logits, labels, last);
-                    let input_grad = unscaled(&h_in.grad());
-                    input_grad_of_plain_loss = gives_target.then(|| input_grad.detach());
-                    // The spent graph's nodes (reachable from the loss and the output) still
-                    // hold the input leaf, and the leaf its gradient: free them before the
-                    // penalty passes, which only need the input's values (`h`).
-                    drop((loss, logits, h_out, h_in));
-                    let (penalty, direction) = penalty_direction(cfg, input_grad, target);
-                    record.penalty(k, &penalty);
-                    if cfg.grad == SgrGrad::Jvp {
-                        tangent_penalty(net, k, &h, direction, (labels, images), lambda);
-                    } else {
-                        let target = (labels, images);
-                        finite_difference_penalty(net, k, &h, direction, target, cfg, lambda);
-                    }
-                    // Taken now rather than in the backward above, so that it is not held
-                    // through the penalty passes (one activation-sized tensor less at the peak).
-                    sends.then(|| unscaled(&head_output_grad(net, k, &h_next, (labels, images))))
-                }
-                None => {
-                    let (loss, logits, output_grad) =
-                        local_backward(net, k, &h_out, (labels, images), sends);
-                    record.loss(&loss, &logits, labels, last);
-                    input_grad_of_plain_loss =
-                        gives_target.then(|| unscaled(&h_in.grad().detach()));
-                    output_grad.map(|g| unscaled(&g))
-                }
-            };
-            if let (Some(target), Some(input)) = (input_grad_of_plain_loss, prev_input.take()) {
-                let penalty =
-                    sender_penalty(net, k - 1, &input, &target, (labels, images), cfg, lambda);
-                record.penalty(k - 1, &penalty);
+        let h = carry.h;
+        // Module numbers are 1-based in the CLI: module k here is number k + 1, and the
+        // boundary in front of it is regularised when k + 1 >= from.
+        let boundary = k >= 1 && k + 1 >= cfg.from;
+        let target = carry.forwarded.filter(|_| receiver && boundary);
+        let sends = receiver && k + 1 < modules && k + 2 >= cfg.from;
+        let gives_target = self.sends_back(net, k, at);
+        let h_in = h
+            .detach()
+            .set_requires_grad(target.is_some() || gives_target);
+        let h_out = net.forward_module(k, &h_in, true);
+        let h_next = h_out.detach();
+        let last = k + 1 == modules;
+        // ∂L_k/∂h_in of the plain loss, detached: the sender-side target of module k-1.
+        let input_grad_of_plain_loss;
+        let forwarded = match target {
+            Some(target) if cfg.grad == SgrGrad::Exact => {
+                let (loss, logits) = net.local_loss(k, &h_out, labels, images, true);
+                record.loss(&loss, &logits, labels, last);
+                // Both gradients are of the plain loss L_k, taken before the penalty exists.
+                let inputs: &[&Tensor] = if sends { &[&h_in, &h_out] } else { &[&h_in] };
+                let mut grads = Tensor::run_backward(&[&loss], inputs, true, true);
+                // Under fp16 loss scaling the gradients are S times too large: D compares
+                // them unscaled, in f32 (a no-op at fp32).
+                let output_grad = sends
+                    .then(|| grads.pop().map(|g| unscaled(&g.detach())))
+                    .flatten();
+                let input_grad = unscaled(&grads.remove(0));
+                input_grad_of_plain_loss = gives_target.then(|| input_grad.detach());
+                let penalty = distance(cfg.distance, &input_grad, &target);
+                record.penalty(k, &penalty);
+                // Only the penalty's own graph needs the two gradients from here on.
+                drop((input_grad, target));
+                (loss + scale_grad(&(&penalty * lambda))).backward();
+                output_grad
             }
-            if sender {
-                prev_input = Some(h.detach());
+            Some(target) => {
+                let (loss, logits, _) = local_backward(net, k, &h_out, (labels, images), false);
+                record.loss(&loss, &logits, labels, last);
+                let input_grad = unscaled(&h_in.grad());
+                input_grad_of_plain_loss = gives_target.then(|| input_grad.detach());
+                // The spent graph's nodes (reachable from the loss and the output) still
+                // hold the input leaf, and the leaf its gradient: free them before the
+                // penalty passes, which only need the input's values (`h`).
+                drop((loss, logits, h_out, h_in));
+                let (penalty, direction) = penalty_direction(cfg, input_grad, target);
+                record.penalty(k, &penalty);
+                if cfg.grad == SgrGrad::Jvp {
+                    tangent_penalty(net, k, &h, direction, (labels, images), lambda);
+                } else {
+                    let target = (labels, images);
+                    finite_difference_penalty(net, k, &h, direction, target, cfg, lambda);
+                }
+                // Taken now rather than in the backward above, so that it is not held
+                // through the penalty passes (one activation-sized tensor less at the peak).
+                sends.then(|| unscaled(&head_output_grad(net, k, &h_next, (labels, images))))
             }
-            h = h_next;
-        }
-        Ok(record.finish())
+            None => {
+                let (loss, logits, output_grad) =
+                    local_backward(net, k, &h_out, (labels, images), sends);
+                record.loss(&loss, &logits, labels, last);
+                input_grad_of_plain_loss = gives_target.then(|| unscaled(&h_in.grad().detach()));
+                output_grad.map(|g| unscaled(&g))
+            }
+        };
+        Ok(ModuleOutcome {
+            carry: Carry {
+                h: h_next,
+                forwarded,
+            },
+            back: input_grad_of_plain_loss,
+        })
+    }
+
+    fn sends_back(&self, net: &SplitNet, k: usize, at: &StepContext) -> bool {
+        let boundary = k >= 1 && k < net.num_modules() && k + 1 >= self.0.from;
+        boundary && self.0.side.sender() && self.active_lambda(at).is_some()
+    }
+
+    fn sender_step(
+        &self,
+        net: &SplitNet,
+        j: usize,
+        input: &Tensor,
+        target: &Tensor,
+        batch: &Batch,
+        at: &StepContext,
+        record: &mut StepRecorder,
+    ) -> Result<()> {
+        let lambda = self.active_lambda(at).unwrap_or(0.0);
+        let data = (&batch.labels, &batch.images);
+        let penalty = sender_penalty(net, j, input, target, data, &self.0, lambda);
+        record.penalty(j, &penalty);
+        Ok(())
     }
 }
 

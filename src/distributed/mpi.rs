@@ -289,3 +289,114 @@ pub fn identical(a: &Tensor, b: &Tensor) -> bool {
         bytes_of(&a) == bytes_of(&b)
     }
 }
+
+/// Broadcasts a byte string from rank 0 of `comm` to every rank (its length first);
+/// `bytes` is read on rank 0 only.
+pub fn broadcast_bytes(comm: &SimpleCommunicator, bytes: &[u8]) -> Vec<u8> {
+    use mpi::collective::Root;
+    let root = comm.process_at_rank(0);
+    let mut len = [bytes.len() as u64];
+    root.broadcast_into(&mut len[..]);
+    let mut buf = if comm.rank() == 0 {
+        bytes.to_vec()
+    } else {
+        vec![0u8; len[0] as usize]
+    };
+    for part in buf.chunks_mut(CHUNK) {
+        root.broadcast_into(part);
+    }
+    buf
+}
+
+/// Replaces `t` (a float tensor of the same shape on every rank of `comm`) by the mean of the
+/// ranks' tensors: an all-reduce sum over host buffers, divided by the number of ranks.
+/// Every rank ends with the same bits (MPI's reduction is deterministic for a fixed
+/// communicator, and every rank divides the same sum by the same number).
+pub fn all_reduce_mean(comm: &SimpleCommunicator, t: &mut Tensor) -> Result<()> {
+    use mpi::collective::{CommunicatorCollectives, SystemOperation};
+    let n = comm.size();
+    if n == 1 {
+        return Ok(());
+    }
+    let src = host(t);
+    let sum = Tensor::empty(src.size().as_slice(), (src.kind(), Device::Cpu));
+    let len = src.numel();
+    if len > i32::MAX as usize {
+        return Err(Error::Config(format!(
+            "distributed: {len} gradient elements exceed one MPI all-reduce"
+        )));
+    }
+    // SAFETY: `src` and `sum` are distinct contiguous CPU tensors of `len` elements of the
+    // slice type, alive for the whole call.
+    unsafe {
+        match src.kind() {
+            tch::Kind::Float => comm.all_reduce_into(
+                std::slice::from_raw_parts(src.data_ptr() as *const f32, len),
+                std::slice::from_raw_parts_mut(sum.data_ptr() as *mut f32, len),
+                SystemOperation::sum(),
+            ),
+            tch::Kind::Double => comm.all_reduce_into(
+                std::slice::from_raw_parts(src.data_ptr() as *const f64, len),
+                std::slice::from_raw_parts_mut(sum.data_ptr() as *mut f64, len),
+                SystemOperation::sum(),
+            ),
+            k => {
+                return Err(Error::Config(format!(
+                    "distributed: cannot all-reduce gradients of kind {k:?}"
+                )));
+            }
+        }
+    }
+    let mean = sum / n as f64;
+    tch::no_grad(|| t.copy_(&mean));
+    Ok(())
+}
+
+/// Sends named tensors (variables, optimizer state): their count and names as one message of
+/// `\n`-separated UTF-8, then each tensor.
+pub fn send_named(
+    comm: &SimpleCommunicator,
+    to: Rank,
+    tag: i32,
+    tensors: &[(String, Tensor)],
+) -> Result<()> {
+    let names: Vec<&str> = tensors.iter().map(|(n, _)| n.as_str()).collect();
+    let joined = names.join("\n");
+    let dest = comm.process_at_rank(to);
+    dest.send_with_tag(&[tensors.len() as u64][..], tag);
+    dest.send_with_tag(joined.as_bytes(), tag);
+    for (_, t) in tensors {
+        send_tensor(comm, to, tag, t)?;
+    }
+    Ok(())
+}
+
+/// Receives what [`send_named`] sent, with the tensors on `device`.
+pub fn recv_named(
+    comm: &SimpleCommunicator,
+    from: Rank,
+    tag: i32,
+    device: Device,
+) -> Result<Vec<(String, Tensor)>> {
+    let src = comm.process_at_rank(from);
+    let (count, _) = src.receive_vec_with_tag::<u64>(tag);
+    let (names, _) = src.receive_vec_with_tag::<u8>(tag);
+    let names = String::from_utf8(names)
+        .map_err(|_| Error::Config(format!("distributed: bad tensor names from rank {from}")))?;
+    let count = count.first().copied().unwrap_or(0) as usize;
+    let names: Vec<String> = if count == 0 {
+        Vec::new()
+    } else {
+        names.split('\n').map(String::from).collect()
+    };
+    if names.len() != count {
+        return Err(Error::Config(format!(
+            "distributed: rank {from} announced {count} tensors but named {}",
+            names.len()
+        )));
+    }
+    names
+        .into_iter()
+        .map(|n| Ok((n, recv_tensor(comm, from, tag, device)?)))
+        .collect()
+}

@@ -138,8 +138,9 @@ pub fn save_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
     write_atomic(path, &bytes)
 }
 
-/// Saves `net`, `opt` and `state` to `path` atomically (plus the `.json` sidecar).
-pub fn save(path: &Path, net: &SplitNet, opt: &Optimizer, state: &TrainState) -> Result<()> {
+/// Saves `net`, the optimizers `opts` (one, or one per pipeline stage: saved as one) and
+/// `state` to `path` atomically (plus the `.json` sidecar).
+pub fn save(path: &Path, net: &SplitNet, opts: &[Optimizer], state: &TrainState) -> Result<()> {
     let mut tensors: Vec<(String, Raw)> = net
         .vs
         .variables()
@@ -147,7 +148,7 @@ pub fn save(path: &Path, net: &SplitNet, opt: &Optimizer, state: &TrainState) ->
         .map(|(name, t)| (name.clone(), to_raw(t)))
         .collect();
     tensors.extend(
-        opt.state()
+        crate::optim::merged_state(opts)
             .iter()
             .map(|(name, t)| (format!("{OPTIMIZER_PREFIX}{name}"), to_raw(t))),
     );

@@ -30,6 +30,17 @@ pub enum OnNan {
     SkipBatch,
 }
 
+/// How pipeline stages are run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Distributed {
+    /// Threads in one process.
+    #[default]
+    None,
+    /// One MPI rank per stage and replica (`mpirun -np W×R`).
+    Mpi,
+}
+
 /// Compute device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -248,6 +259,15 @@ config_fields! {
     skip_bad_images: bool = false;
     /// Precision of training steps: fp32, bf16 (autocast) or fp16 (autocast with dynamic loss scaling); evaluation stays fp32 [default: fp32]
     precision: crate::precision::Precision = crate::precision::Precision::Fp32;
+    /// Pipeline workers W: the K modules are grouped into W contiguous stages, each trained on its own thread (or MPI rank) as soon as its input arrives; bit-identical to W = 1 (README, Scaling out) [default: 1]
+    workers: usize = 1;
+    /// Device of each pipeline stage, comma-separated: cpu, cuda or cuda:N (empty = --device for every stage) [default: --device]
+    [arg(value_delimiter = ',')]
+    devices: Vec<String> = Vec::new();
+    /// Run the stages as processes: none (threads in this process) or mpi (one MPI rank per stage and replica, under mpirun; needs a build with --features mpi) [default: none]
+    distributed: Distributed = Distributed::None;
+    /// Data-parallel replicas R of the whole pipeline (--distributed mpi; mpirun -np W×R): each takes 1/R of every batch and each stage's gradients are averaged over its replicas [default: 1]
+    replicas: usize = 1;
     /// Keep the input batches and the convolution weights in channels-last (NHWC) memory layout (a switch) [default: false]
     [arg(num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     channels_last: bool = false;
@@ -257,6 +277,10 @@ config_fields! {
 /// the schedule does not depend on it, see [`TrainConfig::resolve`]).
 const RESUMABLE_OVERRIDES: &[&str] = &[
     "epochs",
+    // The pipeline computes what one worker does (bit for bit on the CPU).
+    "workers",
+    "devices",
+    "distributed",
     "threads",
     "data_dir",
     "diag_every",
@@ -458,6 +482,7 @@ impl TrainConfig {
             return fail("warmup-epochs", "must be >= 0");
         }
         self.validate_local_loss()?;
+        self.validate_workers()?;
         // The split and the heads are checked here, before a run folder is written.
         crate::model::splits::check_k(&self.model, self.modules, self.split)?;
         let network = self.model.network();
@@ -576,6 +601,89 @@ impl TrainConfig {
     }
 
     /// The `--local-loss` checks: weights in range, and a rule and K that have local losses.
+    /// The pipeline options (`--workers`, `--devices`, `--distributed`, `--replicas`).
+    fn validate_workers(&self) -> Result<()> {
+        let fail = |flag: &str, why: String| Err(Error::Config(format!("--{flag}: {why}")));
+        if self.workers == 0 {
+            return fail("workers", "must be at least 1".into());
+        }
+        if self.replicas == 0 {
+            return fail("replicas", "must be at least 1".into());
+        }
+        if self.replicas > 1 && self.distributed != Distributed::Mpi {
+            return fail(
+                "replicas",
+                "data-parallel replicas run as MPI ranks: add --distributed mpi".into(),
+            );
+        }
+        if self.distributed == Distributed::Mpi && !cfg!(feature = "mpi") {
+            return fail(
+                "distributed",
+                "mpi: this binary was built without the `mpi` feature; build it with `cargo build --release --features mpi`".into(),
+            );
+        }
+        if !self.devices.is_empty() && self.devices.len() != self.workers {
+            return fail(
+                "devices",
+                format!(
+                    "{} device(s) for {} worker(s): give one per worker",
+                    self.devices.len(),
+                    self.workers
+                ),
+            );
+        }
+        for device in &self.devices {
+            crate::pipeline::parse_device(device)?;
+        }
+        let mut distinct = self.devices.clone();
+        distinct.sort();
+        distinct.dedup();
+        if distinct.len() > 1 && self.diag_every > 0 {
+            return fail(
+                "devices",
+                "gradient diagnostics run the whole network on one device: with stages on several devices pass --diag-every 0".into(),
+            );
+        }
+        if self.workers == 1 {
+            return Ok(());
+        }
+        let w = self.workers;
+        if self.rule == RuleKind::Bp {
+            return fail(
+                "workers",
+                format!(
+                    "{w}: rule bp back-propagates through the whole network, so it cannot be cut into stages; pipelines train local rules (dgl, sgr, fg, fg-sgr)"
+                ),
+            );
+        }
+        if w > self.modules {
+            return fail(
+                "workers",
+                format!(
+                    "{w}: more workers than the {} module(s) (--modules)",
+                    self.modules
+                ),
+            );
+        }
+        if self.precision == crate::precision::Precision::Fp16 {
+            return fail(
+                "workers",
+                format!(
+                    "{w}: fp16's loss scale is one decision for all modules per step, which stages cannot share; use --precision bf16 or fp32"
+                ),
+            );
+        }
+        if self.on_nan == OnNan::SkipBatch {
+            return fail(
+                "workers",
+                format!(
+                    "{w}: --on-nan skip-batch would undo a batch that earlier stages already applied; use --on-nan stop"
+                ),
+            );
+        }
+        Ok(())
+    }
+
     fn validate_local_loss(&self) -> Result<()> {
         let fail = |flag: &str, why: String| Err(Error::Config(format!("--{flag}: {why}")));
         for (flag, weights) in [

@@ -5,7 +5,7 @@
 //! [`model`] (networks as ordered units, split into K modules, auxiliary heads) →
 //! [`rules`] (what one training step does: `bp`, `dgl`, `sgr`, `fg`) →
 //! [`train`] (the one training loop: [`schedule`], [`optim`], [`checkpoint`], [`metrics`],
-//! [`diagnostics`]) → [`bench`] (timing and [`memory`]) → the `sgr` binary.
+//! [`diagnostics`]; [`pipeline`] runs the modules as stages on several workers) → [`bench`] (timing and [`memory`]) → the `sgr` binary.
 pub mod bench;
 pub mod checkpoint;
 pub mod config;
@@ -17,6 +17,7 @@ pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod optim;
+pub mod pipeline;
 pub mod precision;
 pub mod preset;
 pub mod report;

@@ -125,11 +125,25 @@ impl Optimizer {
         no_decay: &[String],
         channels_last: bool,
     ) -> Self {
+        Self::over(vs, cfg, no_decay, channels_last, |_| true)
+    }
+
+    /// [`Optimizer::with_layout`] over the trainable variables of `vs` that `keep` selects by
+    /// name: a pipeline stage's optimizer owns its modules' variables only. The update is
+    /// elementwise, so an optimizer per stage computes, for every variable, exactly what one
+    /// optimizer over all of them does.
+    pub fn over(
+        vs: &VarStore,
+        cfg: OptimConfig,
+        no_decay: &[String],
+        channels_last: bool,
+        keep: impl Fn(&str) -> bool,
+    ) -> Self {
         let nhwc = |shape: &[i64]| channels_last && shape.len() == 4;
         let mut named: Vec<(String, Tensor)> = vs
             .variables()
             .into_iter()
-            .filter(|(_, t)| t.requires_grad())
+            .filter(|(name, t)| t.requires_grad() && keep(name))
             .collect();
         named.sort_by(|a, b| a.0.cmp(&b.0));
         let options = named
@@ -332,6 +346,18 @@ impl Optimizer {
             .g_sub_(&(&self.flat_state[0] / denom * (lr / bias1)));
     }
 
+    /// The trainable variables' names, in the optimizer's (name) order.
+    pub fn variable_names(&self) -> impl Iterator<Item = &str> {
+        self.params.iter().map(|p| p.name.as_str())
+    }
+
+    /// The flat gradient buffer (every variable's gradient is a view into it), after pulling in
+    /// gradients autograd created since the last step: what data-parallel replicas average.
+    pub fn flat_grads(&mut self) -> &mut Tensor {
+        self.gather_grads();
+        &mut self.flat_grads
+    }
+
     /// The optimizer's state for checkpoints: every buffer by `{buffer}.{variable}` name
     /// (`momentum.layer1.0.conv1.weight`), plus the update counter `step`.
     pub fn state(&self) -> Vec<(String, Tensor)> {
@@ -349,15 +375,17 @@ impl Optimizer {
         state
     }
 
-    /// Restores state saved by [`Optimizer::state`]; every buffer of every variable must be
-    /// present. A missing counter (checkpoints from before it was saved, SGD only) is 0.
-    pub fn load_state(&mut self, mut state: HashMap<String, Tensor>) -> Result<()> {
+    /// Restores state saved by [`Optimizer::state`] (or [`merged_state`]); every buffer of
+    /// every variable of this optimizer must be present, and entries of other variables (other
+    /// pipeline stages') are ignored. A missing counter (checkpoints from before it was saved,
+    /// SGD only) is 0.
+    pub fn load_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
         let _guard = tch::no_grad_guard();
         let names = state_names(self.cfg.kind);
         for p in &mut self.params {
             for (buffer, slot) in names.iter().zip(&mut p.state_slots) {
                 let key = format!("{buffer}.{}", p.name);
-                let saved = state.remove(&key).ok_or_else(|| {
+                let saved = state.get(&key).ok_or_else(|| {
                     Error::Config(format!(
                         "optimizer state lacks `{key}` (saved by another --optimizer?)"
                     ))
@@ -367,10 +395,10 @@ impl Optimizer {
                         "optimizer state `{key}` has the wrong shape"
                     )));
                 }
-                slot.copy_(&saved);
+                slot.copy_(saved);
             }
         }
-        self.steps = match state.remove(STEP_KEY) {
+        self.steps = match state.get(STEP_KEY) {
             Some(t) => t.int64_value(&[0]),
             None if self.cfg.kind == OptimizerKind::Sgd => 0,
             None => {
@@ -381,6 +409,20 @@ impl Optimizer {
         };
         Ok(())
     }
+}
+
+/// The state of several optimizers over disjoint variables (the stages of a pipeline) as one
+/// optimizer over all of them saves it: every buffer once, and the one update counter (every
+/// stage steps on every batch, so the counters agree).
+pub fn merged_state(optimizers: &[Optimizer]) -> Vec<(String, Tensor)> {
+    let mut merged: Vec<(String, Tensor)> = Vec::new();
+    for opt in optimizers {
+        merged.extend(opt.state().into_iter().filter(|(name, _)| name != STEP_KEY));
+    }
+    merged.sort_by(|a, b| a.0.cmp(&b.0));
+    let steps = optimizers.first().map_or(0, |o| o.steps);
+    merged.push((STEP_KEY.into(), Tensor::from_slice(&[steps])));
+    merged
 }
 
 #[cfg(test)]
@@ -480,7 +522,7 @@ mod tests {
         let saved = copy();
         let (vs2, _, _) = store();
         let mut other = Optimizer::new(&vs2, OptimConfig::default(), &[]);
-        other.load_state(copy()).unwrap();
+        other.load_state(&copy()).unwrap();
         for (name, t) in other.state() {
             assert_eq!(
                 f64::try_from((&t - &saved[&name]).abs().max()).unwrap(),
@@ -489,7 +531,7 @@ mod tests {
         }
         let mut missing = copy();
         missing.remove("momentum.b");
-        assert!(other.load_state(missing).is_err());
+        assert!(other.load_state(&missing).is_err());
     }
 
     #[test]
@@ -570,7 +612,7 @@ mod tests {
             }
         });
         let mut other = Optimizer::new(&fresh, cfg.clone(), &["pos".to_string()]);
-        other.load_state(state).unwrap();
+        other.load_state(&state).unwrap();
         for o in [&mut opt, &mut other] {
             o.zero_grad();
         }
@@ -586,7 +628,7 @@ mod tests {
         // SGD state does not load into AdamW.
         let sgd = Optimizer::new(&fresh, OptimConfig::default(), &[]);
         let e = other
-            .load_state(sgd.state().into_iter().collect())
+            .load_state(&sgd.state().into_iter().collect())
             .unwrap_err()
             .to_string();
         assert!(e.contains("exp_avg"), "{e}");

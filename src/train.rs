@@ -9,6 +9,7 @@ use crate::memory::Meter;
 use crate::metrics::{self, DiagRecord, EpochRecord};
 use crate::model::{FeatureShape, SplitNet};
 use crate::optim::Optimizer;
+use crate::pipeline;
 use crate::precision::{LossScaler, Precision, StepScope, Verdict};
 use crate::rules::{self, StepStats, cross_entropy};
 use crate::{Error, Result};
@@ -98,15 +99,18 @@ pub fn evaluate(
         net.device(),
     )
     .keep_singleton();
+    // Pipeline stages may sit on different devices.
+    let devices: Vec<Device> = (0..modules).map(|k| net.module_device(k)).collect();
     for batch in batches.by_ref() {
         let mut h = batch.images.shallow_clone();
         for (k, right) in correct.iter_mut().enumerate() {
-            h = net.forward_module(k, &h, false);
+            h = net.forward_module(k, &h.to_device(devices[k]), false);
             let logits = net.head_logits(k, &h, false);
-            *right += rules::correct(&logits, &batch.labels);
+            let labels = batch.labels.to_device(devices[k]);
+            *right += rules::correct(&logits, &labels);
             if k + 1 == modules {
-                let n = batch.labels.size()[0];
-                loss_sum += cross_entropy(&logits, &batch.labels).double_value(&[]) * n as f64;
+                let n = labels.size()[0];
+                loss_sum += cross_entropy(&logits, &labels).double_value(&[]) * n as f64;
             }
         }
         seen += batch.labels.size()[0];
@@ -351,7 +355,11 @@ pub fn run_with_data(
     let meter = Meter::start();
     let mut last_eval = None;
     for epoch in state.epoch..cfg.epochs {
-        let (totals, seconds, lrs) = trainer.train_epoch(epoch, &mut state)?;
+        let (totals, seconds, lrs) = if trainer.stages.len() > 1 {
+            trainer.train_epoch_pipelined(epoch, &mut state)?
+        } else {
+            trainer.train_epoch(epoch, &mut state)?
+        };
         state.peak_host_rss_bytes = state.peak_host_rss_bytes.max(meter.peak_above_baseline());
         let eval = evaluate(&trainer.net, ds, &ds.test, cfg.batch_size.max(256))?;
         if let (Some(base), Some(now)) = (device_baseline, device_used_bytes(device)) {
@@ -364,7 +372,7 @@ pub fn run_with_data(
         state.train_seconds += seconds;
         state.images += totals.samples as u64;
         state.best_test_accuracy = state.best_test_accuracy.max(record.test_accuracy);
-        checkpoint::save(&trainer.ckpt_path, &trainer.net, &trainer.opt, &state)?;
+        checkpoint::save(&trainer.ckpt_path, &trainer.net, &trainer.opts, &state)?;
         last_eval = Some(eval);
     }
     let eval = match last_eval {
@@ -406,7 +414,11 @@ struct Trainer<'a> {
     out: &'a Path,
     quiet: bool,
     net: SplitNet,
-    opt: Optimizer,
+    /// One optimizer per pipeline stage (one over every variable when `--workers 1`).
+    opts: Vec<Optimizer>,
+    /// The modules of each pipeline stage, and its device.
+    stages: Vec<std::ops::Range<usize>>,
+    devices: Vec<Device>,
     rule: Box<dyn rules::Rule>,
     ckpt_path: std::path::PathBuf,
     metrics_path: std::path::PathBuf,
@@ -416,8 +428,17 @@ struct Trainer<'a> {
 impl<'a> Trainer<'a> {
     fn new(cfg: &'a TrainConfig, ds: &'a Dataset, out: &'a Path, quiet: bool) -> Result<Self> {
         let net = build_net(cfg, ds)?;
-        let opt = build_optimizer(cfg, &net);
+        let stages = pipeline::stages_of(cfg, &net);
+        let devices = pipeline::stage_devices(cfg)?;
+        pipeline::place(&net, &stages, &devices);
+        let opts = if stages.len() == 1 {
+            vec![build_optimizer(cfg, &net)]
+        } else {
+            pipeline::stage_optimizers(cfg, &net, &stages)
+        };
         Ok(Trainer {
+            stages,
+            devices,
             rule: rules::build_with(cfg.rule, &cfg.sgr(), &cfg.fg()),
             ckpt_path: checkpoint::path_in(out),
             metrics_path: out.join("metrics.jsonl"),
@@ -427,7 +448,7 @@ impl<'a> Trainer<'a> {
             out,
             quiet,
             net,
-            opt,
+            opts,
         })
     }
 
@@ -449,12 +470,12 @@ impl<'a> Trainer<'a> {
         if resume && ckpt_path.exists() {
             let (vars, momentum, saved) = checkpoint::load(ckpt_path)?;
             checkpoint::load_into(&self.net, ckpt_path, &vars, false)?;
-            self.opt
-                .load_state(momentum)
-                .map_err(|e| Error::Checkpoint {
+            for opt in &mut self.opts {
+                opt.load_state(&momentum).map_err(|e| Error::Checkpoint {
                     path: ckpt_path.clone(),
                     reason: e.to_string(),
                 })?;
+            }
             let saved = saved.ok_or_else(|| Error::Checkpoint {
                 path: ckpt_path.clone(),
                 reason: "has no training state (not written by `sgr train`)".into(),
@@ -507,6 +528,17 @@ impl<'a> Trainer<'a> {
         for (name, n) in net.head_parameter_counts() {
             eprintln!("  head {name}: {n} parameters");
         }
+        if self.stages.len() > 1 {
+            eprintln!(
+                "pipeline: {} workers, modules per stage {:?}, devices {:?}",
+                self.stages.len(),
+                self.stages
+                    .iter()
+                    .map(|r| [r.start + 1, r.end])
+                    .collect::<Vec<_>>(),
+                self.devices
+            );
+        }
         if state.epoch > 0 {
             eprintln!(
                 "resuming after epoch {} (step {})",
@@ -515,16 +547,11 @@ impl<'a> Trainer<'a> {
         }
     }
 
-    /// One epoch of training steps (diagnostics, rule step, non-finite check, optimizer step);
-    /// returns the epoch's totals, its training seconds and its first and last steps'
-    /// learning rates.
-    fn train_epoch(
-        &mut self,
-        epoch: usize,
-        state: &mut TrainState,
-    ) -> Result<(EpochTotals, f64, [f64; 2])> {
+    /// The epoch's shuffled training batches, the number of steps it runs, and its progress
+    /// bar.
+    fn epoch_batches(&self, epoch: usize) -> (Batches, usize, ProgressBar) {
         let cfg = self.cfg;
-        let mut batches = Batches::new(
+        let batches = Batches::new(
             &self.ds.train,
             &self.ds.meta,
             cfg.batch_size,
@@ -554,6 +581,144 @@ impl<'a> Trainer<'a> {
             .expect("valid template"),
         );
         bar.set_prefix(format!("{}/{}", epoch + 1, cfg.epochs));
+        (batches, steps, bar)
+    }
+
+    /// Whether gradient diagnostics are due before global step `step`.
+    fn diagnostics_due(&self, step: usize) -> bool {
+        self.cfg.diag_every > 0
+            && step.is_multiple_of(self.cfg.diag_every)
+            && self.net.num_modules() > 1
+    }
+
+    /// Measures gradient discord on `batch` (the parameters are those before step
+    /// `state.global_step`), appends it to `diagnostics.jsonl` and to the epoch's totals.
+    fn record_diagnostics(
+        &self,
+        epoch: usize,
+        batch: &data::Batch,
+        state: &TrainState,
+        totals: &mut EpochTotals,
+    ) -> Result<()> {
+        let d = diagnostics::measure(&self.net, batch);
+        metrics::append(
+            &self.diag_path,
+            &DiagRecord {
+                epoch: epoch + 1,
+                step: state.global_step,
+                grad_cosine: d.grad_cosine.clone(),
+                grad_rel_distance: d.grad_rel_distance.clone(),
+                bp_cosine: d.bp_cosine.clone(),
+            },
+        )?;
+        totals.discord.push(d);
+        Ok(())
+    }
+
+    /// The end of a diverged run's error message: where the last good weights are.
+    fn diverged_hint(&self, state: &TrainState) -> String {
+        format!(
+            "the last good checkpoint ({}) is kept",
+            if state.epoch > 0 {
+                self.ckpt_path.display().to_string()
+            } else {
+                "none yet".into()
+            }
+        )
+    }
+
+    /// [`Trainer::train_epoch`] with the modules as pipeline stages on `--workers` threads
+    /// ([`pipeline`]): the batches are fed in segments that end where diagnostics are due
+    /// (they need every module at the same step, so they run with the pipeline drained) and
+    /// at the epoch's end.
+    fn train_epoch_pipelined(
+        &mut self,
+        epoch: usize,
+        state: &mut TrainState,
+    ) -> Result<(EpochTotals, f64, [f64; 2])> {
+        let cfg = self.cfg;
+        let (mut batches, steps, bar) = self.epoch_batches(epoch);
+        let schedule = cfg.schedule();
+        let lr_at = |i: usize| schedule.lr(epoch, i, steps, cfg.epochs);
+        let mut totals = EpochTotals::default();
+        let start = Instant::now();
+        let mut done = 0;
+        while done < steps {
+            let Some(first) = batches.next() else { break };
+            if self.diagnostics_due(state.global_step) {
+                self.record_diagnostics(epoch, &first, state, &mut totals)?;
+            }
+            let until_diagnostics = match cfg.diag_every {
+                0 => usize::MAX,
+                every => every - state.global_step % every,
+            };
+            let len = until_diagnostics.min(steps - done);
+            let segment = pipeline::Segment {
+                epoch,
+                steps,
+                first: (done, state.global_step),
+                lr_at: &lr_at,
+                progress: Some(&bar),
+            };
+            let feed = std::iter::once(first)
+                .chain(batches.by_ref().take(len - 1))
+                .enumerate()
+                .map(|(j, mut batch)| {
+                    if cfg.channels_last {
+                        batch.images = crate::precision::to_channels_last(&batch.images);
+                    }
+                    (done + j, batch)
+                });
+            let stats = pipeline::run_segment(
+                cfg,
+                &self.net,
+                &*self.rule,
+                &self.stages,
+                &self.devices,
+                &mut self.opts,
+                &segment,
+                feed,
+            )
+            .map_err(|e| match e {
+                Error::NonFinite(what) => Error::NonFinite(format!(
+                    "{what}; {} — lower --lr",
+                    self.diverged_hint(state)
+                )),
+                other => other,
+            })?;
+            for step in &stats {
+                totals.add(step);
+            }
+            done += stats.len();
+            state.global_step += stats.len();
+            bar.set_message(format!(
+                "loss {:.4} acc {:.2}% {:.0} img/s",
+                totals.module_loss.last().copied().unwrap_or(0.0) / totals.samples.max(1) as f64,
+                100.0 * totals.correct as f64 / totals.samples.max(1) as f64,
+                totals.samples as f64 / start.elapsed().as_secs_f64().max(1e-9)
+            ));
+            if stats.len() < len {
+                break;
+            }
+        }
+        let seconds = start.elapsed().as_secs_f64();
+        bar.finish_and_clear();
+        if let Some(e) = batches.take_error() {
+            return Err(e);
+        }
+        Ok((totals, seconds, [lr_at(0), lr_at(steps.max(1) - 1)]))
+    }
+
+    /// One epoch of training steps (diagnostics, rule step, non-finite check, optimizer step);
+    /// returns the epoch's totals, its training seconds and its first and last steps'
+    /// learning rates.
+    fn train_epoch(
+        &mut self,
+        epoch: usize,
+        state: &mut TrainState,
+    ) -> Result<(EpochTotals, f64, [f64; 2])> {
+        let cfg = self.cfg;
+        let (mut batches, steps, bar) = self.epoch_batches(epoch);
         let log_progress = !self.quiet && !std::io::stderr().is_terminal();
         let schedule = cfg.schedule();
         // The schedule runs on the steps that are taken: with --max-steps-per-epoch it must
@@ -562,29 +727,17 @@ impl<'a> Trainer<'a> {
         // A skipped batch must leave no trace, and its forward already moved the BatchNorm
         // running statistics (an inf variance would poison every later evaluation).
         let mut buffers = (cfg.on_nan == OnNan::SkipBatch).then(|| buffer_snapshots(&self.net));
+        let hint = self.diverged_hint(state);
         let mut totals = EpochTotals::default();
         let mut consecutive_bad = 0;
         let start = Instant::now();
         for (i, batch) in batches.by_ref().take(steps).enumerate() {
             let lr = lr_at(i);
-            if cfg.diag_every > 0
-                && state.global_step.is_multiple_of(cfg.diag_every)
-                && self.net.num_modules() > 1
-            {
-                let d = diagnostics::measure(&self.net, &batch);
-                metrics::append(
-                    &self.diag_path,
-                    &DiagRecord {
-                        epoch: epoch + 1,
-                        step: state.global_step,
-                        grad_cosine: d.grad_cosine.clone(),
-                        grad_rel_distance: d.grad_rel_distance.clone(),
-                        bp_cosine: d.bp_cosine.clone(),
-                    },
-                )?;
-                totals.discord.push(d);
+            if self.diagnostics_due(state.global_step) {
+                self.record_diagnostics(epoch, &batch, state, &mut totals)?;
             }
-            self.opt.zero_grad();
+            let opt = &mut self.opts[0];
+            opt.zero_grad();
             if let Some(buffers) = &mut buffers {
                 tch::no_grad(|| {
                     for (live, saved) in buffers.iter_mut() {
@@ -600,22 +753,17 @@ impl<'a> Trainer<'a> {
             let verdict = state
                 .loss_scaler
                 .as_mut()
-                .map(|scaler| scaler.after_backward(&mut self.opt));
+                .map(|scaler| scaler.after_backward(opt));
             if verdict == Some(Verdict::Skip) {
                 // An fp16 overflow: the scale was halved; the batch leaves no trace.
-                discard_batch(&mut self.opt, &mut buffers);
+                discard_batch(opt, &mut buffers);
                 continue;
             }
-            if let Some(what) = non_finite(&self.net, &stats, &mut self.opt) {
+            if let Some(what) = non_finite(&self.net, &stats, opt) {
                 let msg = format!(
-                    "training diverged at epoch {}, step {}: {what}; the last good checkpoint ({}) is kept — lower --lr or pass --on-nan skip-batch",
+                    "training diverged at epoch {}, step {}: {what}; {hint} — lower --lr or pass --on-nan skip-batch",
                     epoch + 1,
                     i + 1,
-                    if state.epoch > 0 {
-                        self.ckpt_path.display().to_string()
-                    } else {
-                        "none yet".into()
-                    }
                 );
                 consecutive_bad += 1;
                 if cfg.on_nan == OnNan::Stop || consecutive_bad >= 10 {
@@ -623,14 +771,14 @@ impl<'a> Trainer<'a> {
                     return Err(Error::NonFinite(msg));
                 }
                 bar.println(format!("warning: skipping batch: {msg}"));
-                discard_batch(&mut self.opt, &mut buffers);
+                discard_batch(opt, &mut buffers);
                 continue;
             }
             consecutive_bad = 0;
             if cfg.clip_grad_norm > 0.0 {
-                self.opt.clip_grad_norm(cfg.clip_grad_norm);
+                opt.clip_grad_norm(cfg.clip_grad_norm);
             }
-            self.opt.step(lr);
+            opt.step(lr);
             state.global_step += 1;
             totals.add(&stats);
             let secs = start.elapsed().as_secs_f64();

@@ -12,6 +12,7 @@ mod model;
 mod mpi;
 #[cfg(not(feature = "mpi"))]
 mod no_mpi;
+mod pipeline;
 mod precision;
 mod reference;
 mod reliability;

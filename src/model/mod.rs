@@ -229,6 +229,14 @@ impl SplitNet {
         self.vs.device()
     }
 
+    /// Device of module `k`'s variables (pipeline stages may be placed on different devices;
+    /// otherwise [`SplitNet::device`]).
+    pub fn module_device(&self, k: usize) -> Device {
+        self.module_variables(k, true)
+            .first()
+            .map_or_else(|| self.device(), |(_, t)| t.device())
+    }
+
     /// Runs module `k`'s units on `x`.
     ///
     /// # Shapes

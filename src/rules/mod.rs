@@ -204,8 +204,7 @@ pub trait Rule: Send + Sync {
         &self,
         _net: &SplitNet,
         _j: usize,
-        _input: &Tensor,
-        _target: &Tensor,
+        _input_and_target: (&Tensor, &Tensor),
         _batch: &Batch,
         _at: &StepContext,
         _record: &mut StepRecorder,
@@ -239,7 +238,9 @@ pub fn run_modules<R: Rule + ?Sized>(
         let outcome = rule.module_step(net, k, carry, batch, at, record)?;
         if let Some(target) = outcome.back {
             match prev_input.take() {
-                Some(input) => rule.sender_step(net, k - 1, &input, &target, batch, at, record)?,
+                Some(input) => {
+                    rule.sender_step(net, k - 1, (&input, &target), batch, at, record)?
+                }
                 None if k == modules.start => upstream(target)?,
                 None => {
                     unreachable!("module {k} sent back a target its predecessor did not expect")

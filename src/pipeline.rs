@@ -1,0 +1,569 @@
+//! Module-parallel training: the K modules grouped into W contiguous stages, each stage on its
+//! own worker (a thread here, an MPI rank in [`crate::distributed`]), joined by links that carry
+//! one batch's boundary tensors at a time.
+//!
+//! # Why this is exact
+//! In a local rule, module k's part of step t needs only what module k-1 handed on in step t
+//! (its detached output and, for receiver-side SGR, its forwarded gradient, see
+//! [`rules::Carry`]), computed with module k-1's parameters after t updates. So stage s can run
+//! batch t while stage s-1 already runs batch t+1: each stage updates its own parameters as
+//! soon as its part of step t is done, with step t's learning rate, and every module sees
+//! exactly the inputs the sequential step gives it. No staleness, no approximation: on the CPU
+//! with one thread per worker, the pipeline's weights equal the sequential run's bit for bit
+//! (`tests/pipeline.rs`).
+//!
+//! Sender-side SGR (`--sgr-side sender|both`) is the one backward dependency: module k-1's
+//! penalty needs module k's input gradient on the same batch. Across a stage boundary it runs
+//! in lock-step: the upstream stage sends its output, waits for the downstream stage's first
+//! module to send that target back ([`Link::send_back`]), applies the penalty and only then
+//! updates. Still exact; the upstream stage idles for one module's forward and backward per
+//! batch at that boundary.
+//!
+//! Anything that needs every module at once (gradient diagnostics, evaluation, checkpoints)
+//! runs at drained points: the trainer feeds a segment of batches, closes the first link, and
+//! every stage finishes its last batch and returns before the next segment starts.
+use crate::config::TrainConfig;
+use crate::data::Batch;
+use crate::model::SplitNet;
+use crate::optim::Optimizer;
+use crate::precision::StepScope;
+use crate::rules::{self, Carry, Rule, StepContext, StepRecorder, StepStats};
+use crate::{Error, Result};
+use indicatif::ProgressBar;
+use std::ops::Range;
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use tch::{Device, Tensor};
+
+/// One batch crossing a stage boundary.
+#[derive(Debug)]
+pub struct Packet {
+    /// The batch's index in its epoch.
+    pub index: usize,
+    /// The previous stage's detached output (the images, for stage 0).
+    pub h: Tensor,
+    /// Receiver-side SGR: the previous module's plain-loss gradient w.r.t. `h`.
+    pub forwarded: Option<Tensor>,
+    /// The labels.
+    pub labels: Tensor,
+    /// The images, for a local loss that reads them (InfoPro's reconstruction; see
+    /// [`needs_images`]).
+    pub images: Option<Tensor>,
+}
+
+/// A stage's connections to its neighbours: channels between threads ([`ChannelLink`]) or
+/// messages between MPI ranks.
+pub trait Link {
+    /// The next batch from the previous stage (or the data, for stage 0); `None` when the
+    /// segment ends.
+    fn recv(&mut self) -> Result<Option<Packet>>;
+    /// Hands a batch to the next stage (never called by the last stage).
+    fn send(&mut self, packet: Packet) -> Result<()>;
+    /// Sender-side SGR: returns the first module's plain input gradient for batch `index` to
+    /// the previous stage.
+    fn send_back(&mut self, index: usize, grad: Tensor) -> Result<()>;
+    /// Sender-side SGR: waits for the next stage's input gradient for batch `index`.
+    fn recv_back(&mut self, index: usize) -> Result<Tensor>;
+    /// Data-parallel replicas: averages the stage's gradients over its replicas before the
+    /// update (a single replica has nothing to do).
+    fn reduce_gradients(&mut self, _opt: &mut Optimizer) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// What one stage owns: its modules, and the optimizer over their variables.
+pub struct Stage<'a> {
+    /// The modules it runs, in order.
+    pub modules: Range<usize>,
+    /// The network (the stage reads and writes its own modules' tensors only).
+    pub net: &'a SplitNet,
+    /// The optimizer over the stage's modules' variables.
+    pub opt: &'a mut Optimizer,
+    /// The rule.
+    pub rule: &'a dyn Rule,
+    /// Where the stage's variables live.
+    pub device: Device,
+    /// Whether this is the last stage (it sends nothing on).
+    pub last: bool,
+}
+
+/// Where a segment of batches sits in training: what a stage needs to give each batch its
+/// step context and learning rate.
+pub struct Segment<'s> {
+    /// The epoch (0-based).
+    pub epoch: usize,
+    /// Steps in the epoch.
+    pub steps: usize,
+    /// The batch index the segment starts at, and the global step of that batch.
+    pub first: (usize, usize),
+    /// The learning rate of batch `i` of the epoch.
+    pub lr_at: &'s (dyn Fn(usize) -> f64 + Sync),
+    /// Bumped by the last stage after each batch (progress display).
+    pub progress: Option<&'s ProgressBar>,
+}
+
+impl Segment<'_> {
+    /// The step context of batch `index` (as the sequential trainer computes it).
+    fn context(&self, index: usize) -> StepContext {
+        StepContext {
+            global_step: self.first.1 + (index - self.first.0),
+            epoch: self.epoch as f64 + index as f64 / self.steps.max(1) as f64,
+        }
+    }
+}
+
+/// Whether a stage past the first needs the batch's images: only for a local loss that reads
+/// them (InfoPro's decoder reconstructs the input).
+pub fn needs_images(net: &SplitNet) -> bool {
+    net.spec.local_loss.kind == crate::model::LocalLossKind::Infopro
+}
+
+/// Runs `stage` on every batch `link` delivers until the segment ends; returns each batch's
+/// stats for the stage's modules, in order.
+///
+/// Per batch, as the sequential trainer does for the whole network: zero the gradients, run
+/// the stage's modules (inside the precision scope), hand the boundary tensors on, apply a
+/// lock-step sender penalty if the next stage sends a target back, check that the losses and
+/// gradients are finite, average over replicas, clip each module, update.
+pub fn run_stage(
+    cfg: &TrainConfig,
+    stage: &mut Stage,
+    link: &mut dyn Link,
+    segment: &Segment,
+) -> Result<Vec<StepStats>> {
+    if cfg.threads > 0 {
+        // OpenMP's thread count is per calling thread: a new thread starts at the default.
+        tch::set_num_threads(cfg.threads as i32);
+    }
+    let (net, rule, device) = (stage.net, stage.rule, stage.device);
+    let mut stats = Vec::new();
+    while let Some(packet) = link.recv()? {
+        let index = packet.index;
+        let at = segment.context(index);
+        let batch = Batch {
+            labels: packet.labels.to_device(device),
+            images: match &packet.images {
+                Some(images) => images.to_device(device),
+                None => Tensor::empty([0], (tch::Kind::Float, device)),
+            },
+        };
+        let carry = Carry {
+            h: packet.h.to_device(device),
+            forwarded: packet.forwarded.map(|g| g.to_device(device)),
+        };
+        stage.opt.zero_grad();
+        let mut record = StepRecorder::new(stage.modules.clone(), batch.labels.size()[0]);
+        let scope = StepScope::new(cfg.precision, device, 1.0)?;
+        let (carry, last_input) = rules::run_modules(
+            rule,
+            net,
+            stage.modules.clone(),
+            carry,
+            &batch,
+            &at,
+            &mut record,
+            |grad| link.send_back(index, grad),
+        )?;
+        if !stage.last {
+            link.send(Packet {
+                index,
+                h: carry.h,
+                forwarded: carry.forwarded,
+                labels: packet.labels,
+                images: packet.images,
+            })?;
+        }
+        if let Some(input) = last_input {
+            let target = link.recv_back(index)?.to_device(device);
+            let j = stage.modules.end - 1;
+            rule.sender_step(net, j, (&input, &target), &batch, &at, &mut record)?;
+        }
+        drop(scope);
+        let step = record.finish();
+        if let Some(what) = non_finite(stage, &step) {
+            return Err(Error::NonFinite(format!(
+                "training diverged at epoch {}, step {}: {what}",
+                segment.epoch + 1,
+                index + 1
+            )));
+        }
+        link.reduce_gradients(stage.opt)?;
+        if cfg.clip_grad_norm > 0.0 {
+            stage.opt.clip_grad_norm(cfg.clip_grad_norm);
+        }
+        stage.opt.step((segment.lr_at)(index));
+        if let (true, Some(bar)) = (stage.last, segment.progress) {
+            bar.inc(1);
+        }
+        stats.push(step);
+    }
+    Ok(stats)
+}
+
+/// Where a stage's step went non-finite, or `None` if all is finite.
+fn non_finite(stage: &mut Stage, step: &StepStats) -> Option<String> {
+    let first = stage.modules.start;
+    if let Some(k) = step.module_losses.iter().position(|l| !l.is_finite()) {
+        return Some(format!(
+            "the loss of module {} is {}",
+            first + k + 1,
+            step.module_losses[k]
+        ));
+    }
+    if stage.opt.grads_finite() {
+        return None;
+    }
+    let bad = stage.modules.clone().find(|&k| {
+        stage.net.module_variables(k, true).iter().any(|(_, t)| {
+            let g = t.grad();
+            g.defined() && !bool::try_from(g.isfinite().all()).unwrap_or(false)
+        })
+    });
+    Some(format!(
+        "a gradient of module {} is not finite",
+        bad.map_or(first, |k| k) + 1
+    ))
+}
+
+/// The modules of each of `workers` stages: contiguous ranges of the K modules, as even as
+/// possible in units (the largest stage is as small as it can be; ties put the extra modules
+/// last, where the feature maps are smallest). With `workers == K` every module is a stage, so
+/// the module split (`--split`) alone sets the balance.
+pub fn stage_modules(module_units: &[usize], workers: usize) -> Vec<Range<usize>> {
+    let k = module_units.len();
+    let workers = workers.clamp(1, k.max(1));
+    // The smallest bound on a stage's units that a greedy cut from the back can meet with
+    // `workers` stages.
+    let total: usize = module_units.iter().sum();
+    let fits = |bound: usize| -> Option<Vec<Range<usize>>> {
+        let mut ranges = Vec::new();
+        let mut end = k;
+        while end > 0 {
+            if ranges.len() + 1 == workers {
+                ranges.push(0..end);
+                break;
+            }
+            // Leave at least one module for each stage still to come.
+            let min_start = workers - ranges.len() - 1;
+            let mut start = end - 1;
+            let mut units = module_units[start];
+            while start > min_start && units + module_units[start - 1] <= bound {
+                start -= 1;
+                units += module_units[start];
+            }
+            ranges.push(start..end);
+            end = start;
+        }
+        let ok = ranges.len() == workers
+            && ranges
+                .iter()
+                .all(|r| module_units[r.clone()].iter().sum::<usize>() <= bound);
+        ok.then(|| ranges.into_iter().rev().collect())
+    };
+    (1..=total)
+        .find_map(fits)
+        .unwrap_or_else(|| (0..k).map(|i| i..i + 1).collect())
+}
+
+/// The stages of `net` for `cfg.workers` workers.
+pub fn stages_of(cfg: &TrainConfig, net: &SplitNet) -> Vec<Range<usize>> {
+    let units: Vec<usize> = net.module_ranges().iter().map(|r| r.len()).collect();
+    stage_modules(&units, cfg.workers)
+}
+
+/// The device of every stage: `--devices`, or `--device` for all of them.
+pub fn stage_devices(cfg: &TrainConfig) -> Result<Vec<Device>> {
+    if cfg.devices.is_empty() {
+        return Ok(vec![cfg.tch_device()?; cfg.workers.max(1)]);
+    }
+    cfg.devices.iter().map(|d| parse_device(d)).collect()
+}
+
+/// `cpu`, `cuda` (the first GPU) or `cuda:N`, checked to exist.
+pub fn parse_device(text: &str) -> Result<Device> {
+    let bad = |why: String| Error::Config(format!("--devices: `{text}` {why}"));
+    let device = match text.trim() {
+        "cpu" => return Ok(Device::Cpu),
+        "cuda" => 0,
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => n,
+            _ => return Err(bad("is not a device (cpu, cuda or cuda:N)".into())),
+        },
+    };
+    let count = tch::Cuda::device_count() as usize;
+    if device >= count {
+        return Err(bad(format!(
+            "does not exist: {count} CUDA device(s) visible{}",
+            if count == 0 {
+                " (or the binary was built without --features cuda)"
+            } else {
+                ""
+            }
+        )));
+    }
+    Ok(Device::Cuda(device))
+}
+
+/// Moves every module's variables (parameters and buffers) to its stage's device.
+pub fn place(net: &SplitNet, stages: &[Range<usize>], devices: &[Device]) {
+    tch::no_grad(|| {
+        for (modules, &device) in stages.iter().zip(devices) {
+            for k in modules.clone() {
+                for trainable in [true, false] {
+                    for (_, mut t) in net.module_variables(k, trainable) {
+                        if t.device() != device {
+                            t.set_data(&t.to_device(device));
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// One optimizer per stage, over the variables of that stage's modules.
+pub fn stage_optimizers(
+    cfg: &TrainConfig,
+    net: &SplitNet,
+    stages: &[Range<usize>],
+) -> Vec<Optimizer> {
+    stages
+        .iter()
+        .map(|modules| {
+            let owns = |name: &str| {
+                net.module_of_variable(name)
+                    .is_some_and(|k| modules.contains(&k))
+            };
+            let mut opt = Optimizer::over(
+                &net.vs,
+                cfg.optim(),
+                &net.no_weight_decay(),
+                cfg.channels_last,
+                owns,
+            );
+            opt.set_clip_groups(|name| net.module_of_variable(name).unwrap_or(0));
+            opt
+        })
+        .collect()
+}
+
+/// A link between threads: bounded channels to the neighbours (a stage may run at most
+/// [`QUEUE`] batches ahead of the next), and back channels for lock-step sender-side SGR.
+pub struct ChannelLink {
+    input: Receiver<Packet>,
+    output: Option<SyncSender<Packet>>,
+    back_out: Option<SyncSender<Tensor>>,
+    back_in: Option<Receiver<Tensor>>,
+}
+
+/// Batches a channel holds: one in flight while the next stage works on another is enough to
+/// keep both busy; more would only hold more activations alive.
+pub const QUEUE: usize = 1;
+
+/// Returned by a stage whose neighbour stopped: the neighbour's own error is the one to report.
+fn neighbour_stopped() -> Error {
+    Error::Config("pipeline: a neighbouring stage stopped".into())
+}
+
+impl Link for ChannelLink {
+    fn recv(&mut self) -> Result<Option<Packet>> {
+        Ok(self.input.recv().ok())
+    }
+
+    fn send(&mut self, packet: Packet) -> Result<()> {
+        let output = self.output.as_ref().expect("the last stage sends nothing");
+        output.send(packet).map_err(|_| neighbour_stopped())
+    }
+
+    fn send_back(&mut self, _index: usize, grad: Tensor) -> Result<()> {
+        let back = self.back_out.as_ref().expect("stage 0 has no predecessor");
+        back.send(grad).map_err(|_| neighbour_stopped())
+    }
+
+    fn recv_back(&mut self, _index: usize) -> Result<Tensor> {
+        let back = self
+            .back_in
+            .as_ref()
+            .expect("the last stage has no successor");
+        back.recv().map_err(|_| neighbour_stopped())
+    }
+}
+
+/// `&SplitNet` handed to the stage threads.
+///
+/// `tch::Tensor` is not `Sync` (it holds a raw pointer), so neither is `SplitNet`. Sharing is
+/// sound here because each stage thread calls the net only for its own modules, whose tensors
+/// (parameters, gradients, BatchNorm buffers, heads) no other thread touches while the
+/// segment runs; the variable store's map is behind a mutex; gradient mode, autocast and the
+/// forward-AD level are thread-local in libtorch or behind our own locks; and libtorch runs a
+/// CPU backward on the calling thread.
+#[derive(Clone, Copy)]
+struct SharedNet<'a>(&'a SplitNet);
+// SAFETY: see the type's documentation: threads touch disjoint modules only.
+unsafe impl Send for SharedNet<'_> {}
+// SAFETY: as above.
+unsafe impl Sync for SharedNet<'_> {}
+
+impl<'a> SharedNet<'a> {
+    /// The net. A method, not the field: a closure that named `.0` would capture the bare
+    /// `&SplitNet` (edition 2021 captures fields), which is not `Send`.
+    fn net(self) -> &'a SplitNet {
+        self.0
+    }
+}
+
+/// Runs one segment through the stages on threads: `batches` feeds stage 0 from this thread,
+/// and every stage returns when the segment is drained. Returns every batch's stats for the
+/// whole network (stage parts joined), in order.
+#[allow(clippy::too_many_arguments)]
+pub fn run_segment(
+    cfg: &TrainConfig,
+    net: &SplitNet,
+    rule: &dyn Rule,
+    stages: &[Range<usize>],
+    devices: &[Device],
+    optimizers: &mut [Optimizer],
+    segment: &Segment,
+    batches: impl Iterator<Item = (usize, Batch)>,
+) -> Result<Vec<StepStats>> {
+    let workers = stages.len();
+    let shared = SharedNet(net);
+    // Channel s feeds stage s; back channel s carries targets from stage s+1 to stage s.
+    let (feeds, mut inputs): (Vec<_>, Vec<_>) =
+        (0..workers).map(|_| sync_channel::<Packet>(QUEUE)).unzip();
+    let (back_outs, mut back_ins): (Vec<_>, Vec<_>) = (0..workers.saturating_sub(1))
+        .map(|_| sync_channel::<Tensor>(QUEUE))
+        .unzip();
+    let mut feeds = feeds.into_iter();
+    let feed = feeds.next().expect("at least one stage");
+    let mut links: Vec<ChannelLink> = Vec::with_capacity(workers);
+    let mut outputs: Vec<Option<SyncSender<Packet>>> = feeds.map(Some).collect();
+    outputs.push(None);
+    let mut back_outs: Vec<Option<SyncSender<Tensor>>> = back_outs.into_iter().map(Some).collect();
+    back_outs.insert(0, None);
+    for s in (0..workers).rev() {
+        links.push(ChannelLink {
+            input: inputs.pop().expect("one input per stage"),
+            output: outputs.pop().flatten(),
+            back_out: back_outs.pop().flatten(),
+            back_in: if s + 1 < workers {
+                back_ins.pop()
+            } else {
+                None
+            },
+        });
+    }
+    links.reverse();
+    let results: Vec<Result<Vec<StepStats>>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = stages
+            .iter()
+            .zip(devices)
+            .zip(optimizers.iter_mut())
+            .zip(links)
+            .enumerate()
+            .map(|(s, (((modules, &device), opt), mut link))| {
+                std::thread::Builder::new()
+                    .name(format!("stage-{s}"))
+                    .spawn_scoped(scope, move || {
+                        let mut stage = Stage {
+                            modules: modules.clone(),
+                            net: shared.net(),
+                            opt,
+                            rule,
+                            device,
+                            last: s + 1 == workers,
+                        };
+                        run_stage(cfg, &mut stage, &mut link, segment)
+                    })
+                    .expect("a stage thread starts")
+            })
+            .collect();
+        for (index, batch) in batches {
+            let packet = Packet {
+                index,
+                h: batch.images.shallow_clone(),
+                forwarded: None,
+                labels: batch.labels,
+                // Shallow clones: in one process a later stage reads the same storage.
+                images: Some(batch.images),
+            };
+            if feed.send(packet).is_err() {
+                break; // stage 0 stopped: its error is reported below
+            }
+        }
+        drop(feed);
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(Error::Config("pipeline: a stage panicked".into())))
+            })
+            .collect()
+    });
+    // The root cause, not the neighbours that stopped because of it.
+    let stopped = neighbour_stopped().to_string();
+    let mut parts = Vec::with_capacity(workers);
+    let mut first_error = None;
+    for result in results {
+        match result {
+            Ok(stats) => parts.push(stats),
+            Err(e) if e.to_string() == stopped => {
+                first_error.get_or_insert(e);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    if let Some(e) = first_error {
+        return Err(e);
+    }
+    let steps = parts.iter().map(Vec::len).min().unwrap_or(0);
+    let mut parts: Vec<_> = parts.into_iter().map(Vec::into_iter).collect();
+    Ok((0..steps)
+        .map(|_| StepStats::concat(parts.iter_mut().filter_map(Iterator::next).collect()))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sizes(ranges: &[Range<usize>], units: &[usize]) -> Vec<usize> {
+        ranges
+            .iter()
+            .map(|r| units[r.clone()].iter().sum())
+            .collect()
+    }
+
+    #[test]
+    fn stages_are_contiguous_cover_every_module_and_balance_units() {
+        for (units, workers, want) in [
+            (vec![4, 4], 2, vec![4, 4]),
+            (vec![1, 1, 1, 1], 2, vec![2, 2]),
+            (vec![3, 1, 1, 1], 2, vec![3, 3]),
+            (vec![1, 1, 1, 1, 1], 2, vec![2, 3]),
+            (vec![5, 1, 1, 1, 1], 3, vec![5, 2, 2]),
+            (vec![2, 2, 2], 3, vec![2, 2, 2]),
+            (vec![2, 2, 2], 1, vec![6]),
+        ] {
+            let stages = stage_modules(&units, workers);
+            assert_eq!(stages.len(), workers, "{units:?} into {workers}");
+            assert_eq!(stages[0].start, 0);
+            assert_eq!(stages.last().unwrap().end, units.len());
+            for pair in stages.windows(2) {
+                assert_eq!(pair[0].end, pair[1].start);
+                assert!(!pair[0].is_empty());
+            }
+            assert_eq!(sizes(&stages, &units), want, "{units:?} into {workers}");
+        }
+    }
+
+    #[test]
+    fn devices_must_exist() {
+        assert_eq!(parse_device("cpu").unwrap(), Device::Cpu);
+        let e = parse_device("gpu0").unwrap_err().to_string();
+        assert!(e.starts_with("--devices: `gpu0`"), "{e}");
+        if tch::Cuda::device_count() < 8 {
+            let e = parse_device("cuda:7").unwrap_err().to_string();
+            assert!(e.contains("does not exist"), "{e}");
+        }
+    }
+}

@@ -225,15 +225,23 @@ fn train(
         }
         TrainConfig::resolve(flags, file.as_ref(), None)?
     };
-    // Bad data (missing files, a --holdout larger than the set) fails before the run folder
-    // exists.
-    let ds = sgr::train::load_data(&cfg)?;
-    sgr::train::check_model(&cfg, &ds)?;
-    // Fail on an unwritable folder before any training time is spent.
-    std::fs::create_dir_all(out)
-        .with_context(|| format!("cannot create run folder {}", out.display()))?;
-    sgr::checkpoint::write_atomic(&config_json, &serde_json::to_vec_pretty(&cfg)?)?;
-    let summary = sgr::train::run_with_data(&cfg, &ds, out, resume, quiet)?;
+    let summary = if cfg.distributed == config::Distributed::Mpi {
+        match train_mpi(&cfg, out, resume, quiet)? {
+            Some(summary) => summary,
+            None => return Ok(()), // not rank 0: rank 0 reports
+        }
+    } else {
+        sgr::distributed::check_not_launched()?;
+        // Bad data (missing files, a --holdout larger than the set) fails before the run
+        // folder exists.
+        let ds = sgr::train::load_data(&cfg)?;
+        sgr::train::check_model(&cfg, &ds)?;
+        // Fail on an unwritable folder before any training time is spent.
+        std::fs::create_dir_all(out)
+            .with_context(|| format!("cannot create run folder {}", out.display()))?;
+        sgr::checkpoint::write_atomic(&config_json, &serde_json::to_vec_pretty(&cfg)?)?;
+        sgr::train::run_with_data(&cfg, &ds, out, resume, quiet)?
+    };
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
     let device = summary
         .peak_device_bytes
@@ -252,6 +260,29 @@ fn train(
         out.join("summary.json").display()
     );
     Ok(())
+}
+
+/// `--distributed mpi`: this process is one rank of the job (see `sgr::distributed`); the
+/// summary on rank 0.
+#[cfg(feature = "mpi")]
+fn train_mpi(
+    cfg: &TrainConfig,
+    out: &Path,
+    resume: bool,
+    quiet: bool,
+) -> Result<Option<sgr::train::Summary>> {
+    Ok(sgr::distributed::train(cfg, out, resume, quiet)?)
+}
+
+/// Without the `mpi` feature the configuration check refuses `--distributed mpi` first.
+#[cfg(not(feature = "mpi"))]
+fn train_mpi(
+    _cfg: &TrainConfig,
+    _out: &Path,
+    _resume: bool,
+    _quiet: bool,
+) -> Result<Option<sgr::train::Summary>> {
+    Err(sgr::distributed::not_built().into())
 }
 
 /// What `sgr eval --json` prints.
@@ -616,8 +647,18 @@ fn main() -> ExitCode {
             eprintln!("stack backtrace:\n{trace}");
         }
     }));
-    match run(Cli::parse()) {
+    // Under mpirun every rank parses the same flags and reads the same files, so an error
+    // before the ranks part ways is the same on each: rank 0 alone prints it (errors of one
+    // rank during training are printed by that rank, see `sgr::distributed`).
+    let quiet_rank = sgr::distributed::launched_rank().is_some_and(|r| r > 0);
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if quiet_rank => return ExitCode::from(e.exit_code() as u8),
+        Err(e) => e.exit(),
+    };
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(_) if quiet_rank => ExitCode::FAILURE,
         Err(e) => {
             eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
             ExitCode::FAILURE

@@ -7,8 +7,81 @@ use std::path::PathBuf;
 use tch::{Kind, Tensor};
 
 #[cfg(feature = "mpi")]
+mod driver;
+#[cfg(feature = "mpi")]
 pub mod mpi;
 pub mod wire;
+
+#[cfg(feature = "mpi")]
+pub use driver::train;
+
+use crate::config::TrainConfig;
+use crate::data::Batch;
+use crate::model::SplitNet;
+use crate::optim::Optimizer;
+use crate::pipeline::Segment;
+use crate::rules::{Rule, StepStats};
+use std::ops::Range;
+
+/// Runs one segment of the pipeline for the trainer ([`crate::train::run_with_runner`]) some
+/// other way than on threads in this process: under `--distributed mpi`, rank 0's trainer
+/// hands each segment to the ranks that run the stages and replicas, and gets back every
+/// step's stats and, at the drain, the other stages' variables and optimizer state.
+pub trait SegmentRunner {
+    /// [`crate::pipeline::run_segment`]'s contract: run `batches` (index in the epoch, batch)
+    /// through the stages and return every step's stats for the whole network, in order, with
+    /// `net` and `optimizers` holding every stage's state afterwards.
+    #[allow(clippy::too_many_arguments)]
+    fn run_segment(
+        &mut self,
+        cfg: &TrainConfig,
+        net: &SplitNet,
+        rule: &dyn Rule,
+        stages: &[Range<usize>],
+        devices: &[tch::Device],
+        optimizers: &mut [Optimizer],
+        segment: &Segment,
+        batches: &mut dyn Iterator<Item = (usize, Batch)>,
+    ) -> Result<Vec<StepStats>>;
+}
+
+/// Where rank `rank` sits in a job of `workers` stages × `replicas` replicas: rank r runs
+/// stage r % W of replica r / W, so a replica's stages are consecutive ranks (neighbours on one
+/// host when mpirun fills hosts in order).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Place {
+    /// This rank.
+    pub rank: usize,
+    /// Stages per replica (W).
+    pub workers: usize,
+    /// Replicas (R).
+    pub replicas: usize,
+}
+
+impl Place {
+    /// The stage this rank runs.
+    pub fn stage(&self) -> usize {
+        self.rank % self.workers
+    }
+
+    /// The replica this rank belongs to.
+    pub fn replica(&self) -> usize {
+        self.rank / self.workers
+    }
+
+    /// The rank that runs `stage` of `replica`.
+    pub fn rank_of(&self, replica: usize, stage: usize) -> usize {
+        replica * self.workers + stage
+    }
+}
+
+/// The rank of this process in its MPI job, read from the launcher's environment (so that it
+/// is known before MPI is initialised, e.g. to print a bad flag's error on rank 0 only).
+pub fn launched_rank() -> Option<usize> {
+    ["OMPI_COMM_WORLD_RANK", "PMI_RANK"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.parse().ok())
+}
 
 /// What `--distributed mpi` says in a binary built without the `mpi` feature.
 pub fn not_built() -> Error {
@@ -296,5 +369,31 @@ mod tests {
             e.contains("1 rank but") && e.contains("mpirun -np 4"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn ranks_map_to_stage_and_replica_and_back() {
+        let (workers, replicas) = (3, 2);
+        let mut seen = Vec::new();
+        for rank in 0..workers * replicas {
+            let p = Place {
+                rank,
+                workers,
+                replicas,
+            };
+            assert!(p.stage() < workers && p.replica() < replicas);
+            assert_eq!(p.rank_of(p.replica(), p.stage()), rank);
+            seen.push((p.replica(), p.stage()));
+        }
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen.len(), workers * replicas);
+        // A replica's stages are consecutive ranks.
+        let p = Place {
+            rank: 4,
+            workers,
+            replicas,
+        };
+        assert_eq!((p.replica(), p.stage()), (1, 1));
     }
 }

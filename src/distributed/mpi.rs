@@ -8,6 +8,7 @@
 //! Messages between two ranks with one tag arrive in the order they were sent (MPI's
 //! non-overtaking rule), which is all the ordering the pipeline needs.
 use super::wire::Header;
+pub use crate::pipeline::Packet;
 use crate::{Error, Result};
 use mpi::Threading;
 use mpi::datatype::Equivalence;
@@ -194,21 +195,6 @@ pub fn recv_i64s(comm: &SimpleCommunicator, from: Rank, tag: i32) -> Vec<i64> {
     comm.process_at_rank(from)
         .receive_vec_with_tag::<i64>(tag)
         .0
-}
-
-/// One batch crossing a stage boundary (a stand-in with the fields of the pipeline's packet
-/// until that lands; the wire format below is what matters).
-pub struct Packet {
-    /// Batch index in the epoch.
-    pub index: usize,
-    /// Detached output of the previous stage (images for stage 0).
-    pub h: Tensor,
-    /// SGR: the previous module's plain-loss gradient with respect to `h`.
-    pub forwarded: Option<Tensor>,
-    /// Labels of the batch.
-    pub labels: Tensor,
-    /// The batch's images, only when a local loss reads them.
-    pub images: Option<Tensor>,
 }
 
 /// First word of a packet's leading message: a batch follows.
@@ -399,4 +385,16 @@ pub fn recv_named(
         .into_iter()
         .map(|n| Ok((n, recv_tensor(comm, from, tag, device)?)))
         .collect()
+}
+
+/// Sends a list of `f64`s (step statistics).
+pub fn send_f64s(comm: &SimpleCommunicator, to: Rank, tag: i32, v: &[f64]) {
+    comm.process_at_rank(to).send_with_tag(v, tag);
+}
+
+/// Receives a list of `f64`s sent by [`send_f64s`].
+pub fn recv_f64s(comm: &SimpleCommunicator, from: Rank, tag: i32) -> Vec<f64> {
+    comm.process_at_rank(from)
+        .receive_vec_with_tag::<f64>(tag)
+        .0
 }

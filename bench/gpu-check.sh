@@ -59,6 +59,17 @@ timeout 120 $S bench step --device cuda --model resnet32 --batch-size 128 --modu
   --precision bf16 --channels-last --steps 20 --warmup 5 --json > "$OUT/step-cuda-bf16-cl.json"
 echo "rc=$?"; cat "$OUT/step-cuda-bf16-cl.json"
 
+log "1e. module pipeline on one GPU: 2 workers (cuda:0,cuda:0) against 1 for 20 sgr steps (same metrics up to GPU rounding), then pipeline throughput. tch exposes no CUDA stream API, so both stages use the default stream: they overlap host-side work (launches, Python-free bookkeeping) but not kernels"
+for w in 1 2; do
+  timeout 90 $S train --data fashion-mnist --data-dir gpu/data --model resnet20 --rule sgr --modules 4 \
+    --epochs 1 --train-subset 2560 --test-subset 1000 --max-steps-per-epoch 20 --device cuda \
+    --workers $w --devices $( [ $w = 1 ] && echo cuda:0 || echo cuda:0,cuda:0 ) --out "$RUNS/pipe-w$w" --quiet
+  echo "rc=$? W=$w"; tail -n 1 "$RUNS/pipe-w$w/metrics.jsonl"
+done
+timeout 120 $S bench pipeline --device cuda --model resnet32 --batch-size 128 --modules 2,4 --rule dgl,sgr \
+  --split balanced-memory --steps 20 --warmup 3 --json > "$OUT/pipeline-cuda.json"
+echo "rc=$?"; cat "$OUT/pipeline-cuda.json"
+
 log "2. step time and GPU memory per rule and K"
 timeout 120 $S bench step --device cuda --model resnet32 --batch-size 128 --modules 4,8,16 \
   --rule dgl,sgr --steps 20 --warmup 5 --repeats 2 --json > "$OUT/step-cuda.json"

@@ -203,7 +203,7 @@ config_fields! {
     clip_grad_norm: f64 = 0.0;
     /// Random seed (weights, shuffling, augmentation) [default: 0]
     seed: u64 = 0;
-    /// CPU threads for libtorch (0 = libtorch's default) [default: 0]
+    /// CPU threads for libtorch, per pipeline worker (0 = libtorch's default, one per core; with --workers W the cores are shared evenly among the workers) [default: 0]
     threads: usize = 0;
     /// Train on the first N training images only (0 = all) [default: 0]
     train_subset: usize = 0;

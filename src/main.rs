@@ -188,6 +188,11 @@ enum BenchCommand {
         #[arg(long)]
         reference: Option<PathBuf>,
     },
+    /// Throughput of the module pipeline (--workers W, default 2, one thread per worker)
+    /// against the sequential step on one and two threads, per rule and K, side by side in
+    /// this process; with each stage's idle fraction and the speedups the per-module times
+    /// predict for W = 2, 4, 8.
+    Pipeline(GridArgs),
     /// One step's gradient at bf16 and fp16 (autocast; fp16 with loss scaling) against fp32,
     /// for dgl and for sgr's exact and jvp penalty gradients, from the same weights and batch.
     Precision(bench::PrecisionArgs),
@@ -603,6 +608,19 @@ fn run(cli: Cli) -> Result<()> {
                         bench::header(&rows[0].config, &grid.bench, grid.repeats)
                     );
                     print!("{}", bench::compare_table(&rows));
+                }
+                Ok(())
+            }
+            BenchCommand::Pipeline(args) => {
+                let rows = bench::pipeline::run(&args)?;
+                if args.json {
+                    println!("{}", serde_json::to_string_pretty(&rows)?);
+                } else {
+                    println!(
+                        "{}",
+                        bench::header(&rows[0].config, &args.bench, args.repeats)
+                    );
+                    print!("{}", bench::pipeline::table(&rows));
                 }
                 Ok(())
             }

@@ -84,6 +84,38 @@ pub struct Stage<'a> {
     pub device: Device,
     /// Whether this is the last stage (it sends nothing on).
     pub last: bool,
+    /// Where the stage's time went (accumulated by [`run_stage`]).
+    pub timing: StageTiming,
+}
+
+/// Where a stage's wall time went: waiting on its links (for a batch, for room downstream, for
+/// a sender-side target) or working.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StageTiming {
+    /// Seconds in [`run_stage`].
+    pub total: f64,
+    /// Seconds blocked on the links.
+    pub waiting: f64,
+}
+
+impl StageTiming {
+    /// The fraction of the time the stage waited (its bubble and back-pressure).
+    pub fn idle_fraction(&self) -> f64 {
+        if self.total > 0.0 {
+            self.waiting / self.total
+        } else {
+            0.0
+        }
+    }
+}
+
+/// What a segment returns: every batch's stats for the whole network, and each stage's timing.
+#[derive(Debug, Default)]
+pub struct SegmentOutcome {
+    /// Per batch, in order: the stages' stats joined.
+    pub stats: Vec<StepStats>,
+    /// Per stage.
+    pub timings: Vec<StageTiming>,
 }
 
 /// Where a segment of batches sits in training: what a stage needs to give each batch its
@@ -136,7 +168,21 @@ pub fn run_stage(
     }
     let (net, rule, device) = (stage.net, stage.rule, stage.device);
     let mut stats = Vec::new();
-    while let Some(packet) = link.recv()? {
+    let started = std::time::Instant::now();
+    let mut waiting = 0.0;
+    let mut timed = |f: &mut dyn FnMut() -> Result<()>| -> Result<()> {
+        let t = std::time::Instant::now();
+        let out = f();
+        waiting += t.elapsed().as_secs_f64();
+        out
+    };
+    loop {
+        let mut next = None;
+        timed(&mut || {
+            next = link.recv()?;
+            Ok(())
+        })?;
+        let Some(packet) = next else { break };
         let index = packet.index;
         let at = segment.context(index);
         let batch = Batch {
@@ -164,16 +210,22 @@ pub fn run_stage(
             |grad| link.send_back(index, grad),
         )?;
         if !stage.last {
-            link.send(Packet {
+            let mut packet = Some(Packet {
                 index,
                 h: carry.h,
                 forwarded: carry.forwarded,
                 labels: packet.labels,
                 images: packet.images,
-            })?;
+            });
+            timed(&mut || link.send(packet.take().expect("sent once")))?;
         }
         if let Some(input) = last_input {
-            let target = link.recv_back(index)?.to_device(device);
+            let mut target = None;
+            timed(&mut || {
+                target = Some(link.recv_back(index)?);
+                Ok(())
+            })?;
+            let target = target.expect("received").to_device(device);
             let j = stage.modules.end - 1;
             rule.sender_step(net, j, (&input, &target), &batch, &at, &mut record)?;
         }
@@ -196,6 +248,8 @@ pub fn run_stage(
         }
         stats.push(step);
     }
+    stage.timing.total += started.elapsed().as_secs_f64();
+    stage.timing.waiting += waiting;
     Ok(stats)
 }
 
@@ -413,7 +467,7 @@ impl<'a> SharedNet<'a> {
 
 /// Runs one segment through the stages on threads: `batches` feeds stage 0 from this thread,
 /// and every stage returns when the segment is drained. Returns every batch's stats for the
-/// whole network (stage parts joined), in order.
+/// whole network (stage parts joined), in order, and each stage's timing.
 #[allow(clippy::too_many_arguments)]
 pub fn run_segment(
     cfg: &TrainConfig,
@@ -424,9 +478,11 @@ pub fn run_segment(
     optimizers: &mut [Optimizer],
     segment: &Segment,
     batches: impl Iterator<Item = (usize, Batch)>,
-) -> Result<Vec<StepStats>> {
+) -> Result<SegmentOutcome> {
     let workers = stages.len();
     let shared = SharedNet(net);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let per_stage_threads = (cores / workers).max(1);
     // Channel s feeds stage s; back channel s carries targets from stage s+1 to stage s.
     let (feeds, mut inputs): (Vec<_>, Vec<_>) =
         (0..workers).map(|_| sync_channel::<Packet>(QUEUE)).unzip();
@@ -453,7 +509,7 @@ pub fn run_segment(
         });
     }
     links.reverse();
-    let results: Vec<Result<Vec<StepStats>>> = std::thread::scope(|scope| {
+    let results: Vec<Result<(Vec<StepStats>, StageTiming)>> = std::thread::scope(|scope| {
         let handles: Vec<_> = stages
             .iter()
             .zip(devices)
@@ -471,8 +527,15 @@ pub fn run_segment(
                             rule,
                             device,
                             last: s + 1 == workers,
+                            timing: StageTiming::default(),
                         };
-                        run_stage(cfg, &mut stage, &mut link, segment)
+                        if cfg.threads == 0 {
+                            // libtorch's default is one thread per core in every thread: W
+                            // stages would each take all cores. They share them instead.
+                            tch::set_num_threads(per_stage_threads as i32);
+                        }
+                        let stats = run_stage(cfg, &mut stage, &mut link, segment)?;
+                        Ok((stats, stage.timing))
                     })
                     .expect("a stage thread starts")
             })
@@ -502,10 +565,14 @@ pub fn run_segment(
     // The root cause, not the neighbours that stopped because of it.
     let stopped = neighbour_stopped().to_string();
     let mut parts = Vec::with_capacity(workers);
+    let mut timings = Vec::with_capacity(workers);
     let mut first_error = None;
     for result in results {
         match result {
-            Ok(stats) => parts.push(stats),
+            Ok((stats, timing)) => {
+                parts.push(stats);
+                timings.push(timing);
+            }
             Err(e) if e.to_string() == stopped => {
                 first_error.get_or_insert(e);
             }
@@ -517,9 +584,10 @@ pub fn run_segment(
     }
     let steps = parts.iter().map(Vec::len).min().unwrap_or(0);
     let mut parts: Vec<_> = parts.into_iter().map(Vec::into_iter).collect();
-    Ok((0..steps)
+    let stats = (0..steps)
         .map(|_| StepStats::concat(parts.iter_mut().filter_map(Iterator::next).collect()))
-        .collect())
+        .collect();
+    Ok(SegmentOutcome { stats, timings })
 }
 
 #[cfg(test)]
@@ -540,7 +608,8 @@ mod tests {
             (vec![1, 1, 1, 1], 2, vec![2, 2]),
             (vec![3, 1, 1, 1], 2, vec![3, 3]),
             (vec![1, 1, 1, 1, 1], 2, vec![2, 3]),
-            (vec![5, 1, 1, 1, 1], 3, vec![5, 2, 2]),
+            // Only the largest stage counts for throughput: the rest go to the back.
+            (vec![5, 1, 1, 1, 1], 3, vec![5, 1, 3]),
             (vec![2, 2, 2], 3, vec![2, 2, 2]),
             (vec![2, 2, 2], 1, vec![6]),
         ] {

@@ -193,10 +193,12 @@ pub fn load_options(cfg: &TrainConfig) -> data::LoadOptions {
     }
 }
 
-/// Builds the network for `cfg` on data `ds` (seeding libtorch first).
+/// Builds the network for `cfg` on data `ds` (seeding libtorch first), on `--device`, or on
+/// the first of `--devices` (the trainer then moves later stages to theirs).
 pub fn build_net(cfg: &TrainConfig, ds: &Dataset) -> Result<SplitNet> {
     let spec = model_spec_for(cfg, ds);
-    let device = cfg.tch_device()?;
+    // On the first stage's device: the batches are made where the net says it is.
+    let device = pipeline::stage_devices(cfg)?[0];
     crate::model::with_seed(cfg.seed as i64, || SplitNet::new(&spec, device))
 }
 
@@ -712,7 +714,8 @@ impl<'a> Trainer<'a> {
                     self.diverged_hint(state)
                 )),
                 other => other,
-            })?;
+            })?
+            .stats;
             for step in &stats {
                 totals.add(step);
             }

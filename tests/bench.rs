@@ -220,3 +220,60 @@ fn image_size_sets_the_synthetic_input_side() {
         "{err}"
     );
 }
+
+#[test]
+fn pipeline_rows_carry_both_speedups_stage_idle_and_predictions() {
+    let mut args = vec![
+        "pipeline",
+        "--modules",
+        "2,3",
+        "--rule",
+        "dgl,sgr",
+        "--split",
+        "even",
+        "--json",
+    ];
+    args.extend(TINY);
+    let rows = bench_json(&args);
+    assert_eq!(rows.len(), 4, "{rows:?}");
+    for r in &rows {
+        let k = r["modules"].as_u64().unwrap() as usize;
+        assert_eq!(r["workers"].as_u64(), Some(2));
+        let ms = |key: &str| r[key].as_f64().unwrap();
+        for key in [
+            "sequential_1_thread_ms",
+            "sequential_2_threads_ms",
+            "pipeline_ms",
+        ] {
+            assert!(ms(key) > 0.0, "{key}: {r}");
+        }
+        let ratio = ms("sequential_1_thread_ms") / ms("pipeline_ms");
+        assert!((ms("speedup_vs_sequential_1_thread") - ratio).abs() < 1e-9);
+        let ratio = ms("sequential_2_threads_ms") / ms("pipeline_ms");
+        assert!((ms("speedup_vs_sequential_2_threads") - ratio).abs() < 1e-9);
+        let idle = r["stage_idle_fraction"].as_array().unwrap();
+        assert_eq!(idle.len(), 2);
+        assert!(
+            idle.iter()
+                .all(|f| (0.0..=1.0).contains(&f.as_f64().unwrap()))
+        );
+        assert_eq!(r["module_ms"].as_array().unwrap().len(), k);
+        // Predictions for W = 2, 4, 8: none beyond K.
+        let predicted = r["predicted_speedup"].as_array().unwrap();
+        assert_eq!(predicted.len(), 3);
+        assert!(predicted[0][1].as_f64().unwrap() >= 1.0);
+        assert!(predicted[1][1].is_null() && predicted[2][1].is_null());
+        assert_eq!(r["stage_modules"][0][0].as_u64(), Some(1));
+        assert_eq!(
+            r["stage_modules"][1][1].as_u64(),
+            Some(k as u64),
+            "the stages cover every module"
+        );
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_sgr"))
+        .args(["bench", "pipeline", "--rule", "bp", "--modules", "2"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--rule bp"), "{err}");
+}

@@ -94,8 +94,10 @@ fn assert_pipeline_is_sequential(cfg: TrainConfig, workers: &[usize], what: &str
 
 #[test]
 fn dgl_pipeline_equals_the_sequential_run_bit_for_bit() {
+    // Clipping per module, and channels-last weights and batches.
     let cfg = TrainConfig {
         clip_grad_norm: 0.5,
+        channels_last: true,
         ..base("resnet20", RuleKind::Dgl, 4)
     };
     assert_pipeline_is_sequential(cfg, &[2, 3, 4], "dgl resnet20 K=4");

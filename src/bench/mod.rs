@@ -7,6 +7,8 @@
 //! training option can be benchmarked), plus the [`BenchArgs`] that only a benchmark has.
 //! Workers build the same `SplitNet`, `Optimizer` and `Rule` as `sgr train`, so the step measured
 //! is the real one.
+pub mod pipeline;
+
 use crate::config::{TrainConfig, TrainOptions};
 use crate::data::{Batch, DatasetKind};
 use crate::memory::{Meter, gpu_used_bytes};

@@ -27,7 +27,7 @@ use crate::config::TrainConfig;
 use crate::data::{Batch, Dataset, Meta, Source, Split};
 use crate::model::SplitNet;
 use crate::optim::Optimizer;
-use crate::pipeline::{self, Link, Packet, Segment, Stage};
+use crate::pipeline::{self, Link, Packet, Segment, SegmentOutcome, Stage, StageTiming};
 use crate::rules::{self, Rule, StepStats};
 use crate::train::Summary;
 use crate::{Error, Result};
@@ -232,9 +232,10 @@ fn recv_state(
     opt.load_state(&state)
 }
 
-/// Steps' stats as one message of `f64`s: per step, each list with its length first.
-fn encode_stats(stats: &[StepStats]) -> Vec<f64> {
-    let mut v = vec![stats.len() as f64];
+/// A stage's timing and its steps' stats as one message of `f64`s: the timing, then per step
+/// each list with its length first.
+fn encode_stats(stats: &[StepStats], timing: StageTiming) -> Vec<f64> {
+    let mut v = vec![timing.total, timing.waiting, stats.len() as f64];
     for s in stats {
         v.push(s.module_losses.len() as f64);
         v.extend(&s.module_losses);
@@ -249,10 +250,14 @@ fn encode_stats(stats: &[StepStats]) -> Vec<f64> {
 }
 
 /// Reads what [`encode_stats`] wrote.
-fn decode_stats(v: &[f64]) -> Result<Vec<StepStats>> {
+fn decode_stats(v: &[f64]) -> Result<(Vec<StepStats>, StageTiming)> {
     let bad = || Error::Config("distributed: bad step statistics message".into());
     let mut it = v.iter().copied();
     let mut next = || it.next().ok_or_else(bad);
+    let timing = StageTiming {
+        total: next()?,
+        waiting: next()?,
+    };
     let steps = next()? as usize;
     let mut out = Vec::with_capacity(steps);
     for _ in 0..steps {
@@ -273,7 +278,7 @@ fn decode_stats(v: &[f64]) -> Result<Vec<StepStats>> {
             samples,
         });
     }
-    Ok(out)
+    Ok((out, timing))
 }
 
 /// One stage's stats of one step over its replicas: losses and penalties as means over all
@@ -489,7 +494,7 @@ impl SegmentRunner for RootRunner<'_> {
         optimizers: &mut [Optimizer],
         segment: &Segment,
         batches: &mut dyn Iterator<Item = (usize, Batch)>,
-    ) -> Result<Vec<StepStats>> {
+    ) -> Result<SegmentOutcome> {
         let (world, place) = (self.ranks.world, self.ranks.place);
         let size = world.size() as usize;
         let stage_of = |r: usize| Place { rank: r, ..place }.stage();
@@ -528,13 +533,19 @@ impl SegmentRunner for RootRunner<'_> {
             rule,
             device: devices[0],
             last: place.workers == 1,
+            timing: StageTiming::default(),
         };
         let mine = pipeline::run_stage(cfg, &mut stage, &mut link, segment)?;
-        // The drain: every rank's stats, then replica 0's stages' state.
+        // The drain: every rank's stats and timing, then replica 0's stages' state.
+        let mut timings = vec![stage.timing];
         let mut by_rank = vec![mine];
         for r in 1..size {
             let v = super::mpi::recv_f64s(world, r as i32, TAG_STATS);
-            by_rank.push(decode_stats(&v)?);
+            let (stats, timing) = decode_stats(&v)?;
+            if r < place.workers {
+                timings.push(timing);
+            }
+            by_rank.push(stats);
         }
         for (s, opt) in optimizers.iter_mut().enumerate().skip(1) {
             recv_state(world, place.rank_of(0, s) as i32, net, opt)?;
@@ -560,7 +571,7 @@ impl SegmentRunner for RootRunner<'_> {
         if let (true, Some(bar)) = (place.workers > 1, segment.progress) {
             bar.inc(stats.len() as u64);
         }
-        Ok(stats)
+        Ok(SegmentOutcome { stats, timings })
     }
 }
 
@@ -614,9 +625,11 @@ fn follow(cfg: &TrainConfig, ranks: Ranks, meta: Meta) -> Result<()> {
                     rule: &*rule,
                     device,
                     last: s + 1 == place.workers,
+                    timing: StageTiming::default(),
                 };
                 let stats = pipeline::run_stage(cfg, &mut stage, &mut link, &segment)?;
-                super::mpi::send_f64s(world, 0, TAG_STATS, &encode_stats(&stats));
+                let message = encode_stats(&stats, stage.timing);
+                super::mpi::send_f64s(world, 0, TAG_STATS, &message);
                 if place.replica() == 0 {
                     send_state(world, 0, &net, modules.clone(), &opt)?;
                 }
@@ -647,13 +660,18 @@ mod tests {
     #[test]
     fn step_stats_survive_the_wire() {
         let sent = vec![stats(vec![1.25, -0.1], 3, 8), stats(vec![f64::NAN], 0, 0)];
-        let got = decode_stats(&encode_stats(&sent)).unwrap();
+        let timing = StageTiming {
+            total: 2.5,
+            waiting: 0.5,
+        };
+        let (got, t) = decode_stats(&encode_stats(&sent, timing)).unwrap();
+        assert_eq!(t, timing);
         assert_eq!(got.len(), 2);
         assert_eq!(got[0].module_losses, sent[0].module_losses);
         assert_eq!(got[0].penalty_applied, sent[0].penalty_applied);
         assert_eq!((got[0].correct, got[0].samples), (3, 8));
         assert!(got[1].module_losses[0].is_nan());
-        assert!(decode_stats(&[2.0, 1.0]).is_err());
+        assert!(decode_stats(&[0.0, 0.0, 2.0, 1.0]).is_err());
     }
 
     #[test]

@@ -19,8 +19,8 @@ use crate::config::TrainConfig;
 use crate::data::Batch;
 use crate::model::SplitNet;
 use crate::optim::Optimizer;
-use crate::pipeline::Segment;
-use crate::rules::{Rule, StepStats};
+use crate::pipeline::{Segment, SegmentOutcome};
+use crate::rules::Rule;
 use std::ops::Range;
 
 /// Runs one segment of the pipeline for the trainer ([`crate::train::run_with_runner`]) some
@@ -29,8 +29,8 @@ use std::ops::Range;
 /// step's stats and, at the drain, the other stages' variables and optimizer state.
 pub trait SegmentRunner {
     /// [`crate::pipeline::run_segment`]'s contract: run `batches` (index in the epoch, batch)
-    /// through the stages and return every step's stats for the whole network, in order, with
-    /// `net` and `optimizers` holding every stage's state afterwards.
+    /// through the stages and return every step's stats for the whole network, in order, and
+    /// each stage's timing, with `net` and `optimizers` holding every stage's state afterwards.
     #[allow(clippy::too_many_arguments)]
     fn run_segment(
         &mut self,
@@ -42,7 +42,7 @@ pub trait SegmentRunner {
         optimizers: &mut [Optimizer],
         segment: &Segment,
         batches: &mut dyn Iterator<Item = (usize, Batch)>,
-    ) -> Result<Vec<StepStats>>;
+    ) -> Result<SegmentOutcome>;
 }
 
 /// Where rank `rank` sits in a job of `workers` stages × `replicas` replicas: rank r runs

@@ -666,8 +666,8 @@ fn main() -> ExitCode {
         }
     }));
     // Under mpirun every rank parses the same flags and reads the same files, so an error
-    // before the ranks part ways is the same on each: rank 0 alone prints it (errors of one
-    // rank during training are printed by that rank, see `sgr::distributed`).
+    // before the ranks part ways is usually the same on each: rank 0 alone prints it, and
+    // another rank only when rank 0 did not fail (see `sgr::distributed::rank_failed`).
     let quiet_rank = sgr::distributed::launched_rank().is_some_and(|r| r > 0);
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -676,7 +676,10 @@ fn main() -> ExitCode {
     };
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(_) if quiet_rank => ExitCode::FAILURE,
+        Err(e) if quiet_rank => {
+            sgr::distributed::rank_failed(&format!("{e:#}"));
+            ExitCode::FAILURE
+        }
         Err(e) => {
             eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
             ExitCode::FAILURE

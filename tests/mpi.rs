@@ -454,3 +454,37 @@ fn mpi_job_of_the_wrong_size_gives_one_error_line_and_no_run_folder() {
         assert_no_panic(&job.stderr);
     }
 }
+
+/// An error that only one rank other than 0 meets before MPI starts (here rank 1 gets a bad
+/// flag through mpirun's MPMD syntax; on a cluster, e.g. a device its host lacks) is printed
+/// by that rank, and ends the job before rank 0 writes a run folder.
+#[test]
+fn mpi_an_error_of_one_rank_only_is_its_line_and_no_run_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let flags = "--model resnet20 --rule dgl --modules 2 --epochs 1 --distributed mpi";
+    let mut good: Vec<&str> = flags.split_whitespace().collect();
+    good.extend(["--workers", "2"]);
+    let mut bad: Vec<&str> = flags.split_whitespace().collect();
+    bad.extend(["--workers", "0"]);
+    let mut args = train_args(&run, &good);
+    args.extend([":", "-np", "1", env!("CARGO_BIN_EXE_sgr")].map(String::from));
+    args.extend(train_args(&run, &bad));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let job = mpirun(1, &refs, tmp.path(), Duration::from_secs(120));
+    let status = job.status.expect("the job hung");
+    assert!(!status.success());
+    let errors: Vec<&str> = job
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("error"))
+        .collect();
+    assert_eq!(
+        errors,
+        ["error: rank 1: --workers: must be at least 1"],
+        "{}",
+        job.stderr
+    );
+    assert!(!run.exists(), "a run folder was written");
+    assert_no_panic(&job.stderr);
+}

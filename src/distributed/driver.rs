@@ -92,38 +92,72 @@ pub fn train(cfg: &TrainConfig, out: &Path, resume: bool, quiet: bool) -> Result
         replicas: cfg.replicas,
     };
     let world = m.world();
-    // Rank 0's set-up, as `sgr train` does it in one process, then its outcome for the others:
-    // the data set's description (what building the network needs), or nothing on failure.
-    let setup = (place.rank == 0).then(|| setup(cfg, out));
-    let payload = match &setup {
+    // Rank 0 reads the data and checks the model, as `sgr train` does in one process; the
+    // others get the data set's description (what building the network needs), or nothing
+    // when rank 0 failed.
+    let data = (place.rank == 0).then(|| {
+        let ds = crate::train::load_data(cfg)?;
+        crate::train::check_model(cfg, &ds)?;
+        Ok(ds)
+    });
+    let payload = match &data {
         Some(Ok(ds)) => serde_json::to_vec(&ds.meta).expect("meta serialises"),
         _ => Vec::new(),
     };
     let meta = broadcast_bytes(world, &payload);
-    if meta.is_empty() {
-        return match setup {
-            Some(Err(e)) => Err(e),
-            _ => Err(Error::Config("rank 0 failed to set up the run".into())),
-        };
+    let data = match data {
+        Some(Err(e)) => return Err(e),
+        Some(Ok(ds)) => Some(ds),
+        None if meta.is_empty() => return Err(collective("rank 0 could not load the data")),
+        None => None,
+    };
+    // Every other rank builds its stage; the run folder is written only once all have.
+    let follower = match data {
+        Some(_) => None,
+        None => Some(
+            serde_json::from_slice::<Meta>(&meta)
+                .map_err(|e| Error::Config(format!("distributed: bad data description ({e})")))
+                .and_then(|meta| Follower::build(cfg, place, meta)),
+        ),
+    };
+    let built = !matches!(follower, Some(Err(_)));
+    if let Some(Err(e)) = &follower {
+        eprintln!(
+            "error: rank {}: {}",
+            place.rank,
+            e.to_string().replace('\n', " ")
+        );
     }
-    let meta: Meta = serde_json::from_slice(&meta)
-        .map_err(|e| Error::Config(format!("distributed: bad data description ({e})")))?;
+    if !all_agree(world, built) {
+        return Err(collective(
+            "a rank could not build its stage (its error is above)",
+        ));
+    }
+    let written = data.as_ref().map(|_| write_run_folder(cfg, out));
+    let ok = matches!(written, Some(Ok(())));
+    let ok = broadcast_bytes(world, &[ok as u8]) == [1];
+    if let Some(Err(e)) = written {
+        return Err(e);
+    }
+    if !ok {
+        return Err(collective("rank 0 could not write the run folder"));
+    }
     // The R replicas of each stage average their gradients on their own communicator.
     let stage_comm = world
         .split_by_color(Color::with_value(place.stage() as i32))
         .ok_or_else(|| Error::Config("distributed: cannot split the communicator".into()))?;
-    let kill = kill_hook(place.rank);
+    let ranks = Ranks {
+        world,
+        stage_comm: &stage_comm,
+        place,
+        kill: kill_hook(place.rank),
+    };
     if cfg.threads > 0 {
         tch::set_num_threads(cfg.threads as i32);
     }
-    if let Some(Ok(ds)) = setup {
+    if let Some(ds) = data {
         let mut runner = RootRunner {
-            ranks: Ranks {
-                world,
-                stage_comm: &stage_comm,
-                place,
-                kill,
-            },
+            ranks,
             sent_state: false,
         };
         return match crate::train::run_with_runner(cfg, &ds, out, resume, quiet, Some(&mut runner))
@@ -137,27 +171,33 @@ pub fn train(cfg: &TrainConfig, out: &Path, resume: bool, quiet: bool) -> Result
             Err(e) => m.abort(&e),
         };
     }
-    let ranks = Ranks {
-        world,
-        stage_comm: &stage_comm,
-        place,
-        kill,
-    };
-    match follow(cfg, ranks, meta) {
+    let mut follower = follower.expect("a rank other than 0").expect("built");
+    match follower.follow(cfg, ranks) {
         Ok(()) => Ok(None),
         Err(e) => m.abort(&e),
     }
 }
 
-/// Rank 0's set-up, in `sgr train`'s order: the data and the model are checked before the run
-/// folder and its `config.json` are written.
-fn setup(cfg: &TrainConfig, out: &Path) -> Result<Dataset> {
-    let ds = crate::train::load_data(cfg)?;
-    crate::train::check_model(cfg, &ds)?;
+/// An error every rank returns because one of them failed (that one printed why); `main`
+/// prints nothing for it on ranks other than 0.
+fn collective(what: &str) -> Error {
+    Error::Config(format!("--distributed mpi: {what}"))
+}
+
+/// Whether `ok` holds on every rank (a logical and over the world).
+fn all_agree(world: &SimpleCommunicator, ok: bool) -> bool {
+    use mpi::collective::{CommunicatorCollectives, SystemOperation};
+    let mine = [ok as i32];
+    let mut all = [0i32];
+    world.all_reduce_into(&mine[..], &mut all[..], SystemOperation::min());
+    all[0] == 1
+}
+
+/// Rank 0 writes the run folder and its `config.json`, as `sgr train` does before training.
+fn write_run_folder(cfg: &TrainConfig, out: &Path) -> Result<()> {
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let json = serde_json::to_vec_pretty(cfg).expect("config serialises");
-    crate::checkpoint::write_atomic(&out.join("config.json"), &json)?;
-    Ok(ds)
+    crate::checkpoint::write_atomic(&out.join("config.json"), &json)
 }
 
 /// A data set with `meta` and no images: what a rank other than 0 builds the network from.
@@ -575,69 +615,91 @@ impl SegmentRunner for RootRunner<'_> {
     }
 }
 
-/// A rank other than 0: builds the network from the seed, then runs its stage on every
-/// segment rank 0 announces until it says stop.
-fn follow(cfg: &TrainConfig, ranks: Ranks, meta: Meta) -> Result<()> {
-    let (world, place) = (ranks.world, ranks.place);
-    let ds = description_only(meta);
-    let net = crate::train::build_net(cfg, &ds)?;
-    let stages = pipeline::stages_of(cfg, &net);
-    let devices = pipeline::stage_devices(cfg)?;
-    let s = place.stage();
-    let (modules, device) = (stages[s].clone(), devices[s]);
-    pipeline::place(&net, &stages[s..=s], &devices[s..=s]);
-    // The optimizer rank 0's trainer builds for this stage, so that replicas' flat gradient
-    // buffers have the same layout for the all-reduce.
-    let mut opt = if stages.len() == 1 {
-        crate::train::build_optimizer(cfg, &net)
-    } else {
-        pipeline::stage_optimizers(cfg, &net, &stages[s..=s])
-            .pop()
-            .expect("one stage")
-    };
-    let rule = rules::build_with(cfg.rule, &cfg.sgr(), &cfg.fg());
-    let schedule = cfg.schedule();
-    loop {
-        let control = recv_i64s(world, 0, TAG_CONTROL);
-        match control.as_slice() {
-            [CONTROL_STOP] => return Ok(()),
-            [CONTROL_STATE] => recv_state(world, 0, &net, &mut opt)?,
-            &[CONTROL_SEGMENT, epoch, steps, first_index, first_step] => {
-                let (epoch, steps) = (epoch as usize, steps as usize);
-                let lr_at = |i: usize| schedule.lr(epoch, i, steps, cfg.epochs);
-                let segment = Segment {
-                    epoch,
-                    steps,
-                    first: (first_index as usize, first_step as usize),
-                    lr_at: &lr_at,
-                    progress: None,
-                };
-                let upstream = Upstream::Rank(if s == 0 {
-                    0
-                } else {
-                    place.rank_of(place.replica(), s - 1) as i32
-                });
-                let mut link = ranks.link(upstream, device, pipeline::needs_images(&net), &segment);
-                let mut stage = Stage {
-                    modules: modules.clone(),
-                    net: &net,
-                    opt: &mut opt,
-                    rule: &*rule,
-                    device,
-                    last: s + 1 == place.workers,
-                    timing: StageTiming::default(),
-                };
-                let stats = pipeline::run_stage(cfg, &mut stage, &mut link, &segment)?;
-                let message = encode_stats(&stats, stage.timing);
-                super::mpi::send_f64s(world, 0, TAG_STATS, &message);
-                if place.replica() == 0 {
-                    send_state(world, 0, &net, modules.clone(), &opt)?;
+/// A rank other than 0: the network built from the seed, its stage and the stage's optimizer.
+struct Follower {
+    net: SplitNet,
+    modules: Range<usize>,
+    device: Device,
+    opt: Optimizer,
+    rule: Box<dyn Rule>,
+}
+
+impl Follower {
+    /// Builds the network from the seed and the stage `place` runs, with its optimizer.
+    fn build(cfg: &TrainConfig, place: Place, meta: Meta) -> Result<Follower> {
+        let ds = description_only(meta);
+        let net = crate::train::build_net(cfg, &ds)?;
+        let stages = pipeline::stages_of(cfg, &net);
+        let devices = pipeline::stage_devices(cfg)?;
+        let s = place.stage();
+        let (modules, device) = (stages[s].clone(), devices[s]);
+        pipeline::place(&net, &stages[s..=s], &devices[s..=s]);
+        // The optimizer rank 0's trainer builds for this stage, so that replicas' flat
+        // gradient buffers have the same layout for the all-reduce.
+        let opt = if stages.len() == 1 {
+            crate::train::build_optimizer(cfg, &net)
+        } else {
+            pipeline::stage_optimizers(cfg, &net, &stages[s..=s])
+                .pop()
+                .expect("one stage")
+        };
+        Ok(Follower {
+            rule: rules::build_with(cfg.rule, &cfg.sgr(), &cfg.fg()),
+            net,
+            modules,
+            device,
+            opt,
+        })
+    }
+
+    /// Runs the stage on every segment rank 0 announces until it says stop.
+    fn follow(&mut self, cfg: &TrainConfig, ranks: Ranks) -> Result<()> {
+        let (world, place) = (ranks.world, ranks.place);
+        let s = place.stage();
+        let schedule = cfg.schedule();
+        loop {
+            let control = recv_i64s(world, 0, TAG_CONTROL);
+            match control.as_slice() {
+                [CONTROL_STOP] => return Ok(()),
+                [CONTROL_STATE] => recv_state(world, 0, &self.net, &mut self.opt)?,
+                &[CONTROL_SEGMENT, epoch, steps, first_index, first_step] => {
+                    let (epoch, steps) = (epoch as usize, steps as usize);
+                    let lr_at = |i: usize| schedule.lr(epoch, i, steps, cfg.epochs);
+                    let segment = Segment {
+                        epoch,
+                        steps,
+                        first: (first_index as usize, first_step as usize),
+                        lr_at: &lr_at,
+                        progress: None,
+                    };
+                    let upstream = Upstream::Rank(if s == 0 {
+                        0
+                    } else {
+                        place.rank_of(place.replica(), s - 1) as i32
+                    });
+                    let images = pipeline::needs_images(&self.net);
+                    let mut link = ranks.link(upstream, self.device, images, &segment);
+                    let mut stage = Stage {
+                        modules: self.modules.clone(),
+                        net: &self.net,
+                        opt: &mut self.opt,
+                        rule: &*self.rule,
+                        device: self.device,
+                        last: s + 1 == place.workers,
+                        timing: StageTiming::default(),
+                    };
+                    let stats = pipeline::run_stage(cfg, &mut stage, &mut link, &segment)?;
+                    let message = encode_stats(&stats, stage.timing);
+                    super::mpi::send_f64s(world, 0, TAG_STATS, &message);
+                    if place.replica() == 0 {
+                        send_state(world, 0, &self.net, self.modules.clone(), &self.opt)?;
+                    }
                 }
-            }
-            other => {
-                return Err(Error::Config(format!(
-                    "distributed: unexpected control message {other:?} from rank 0"
-                )));
+                other => {
+                    return Err(Error::Config(format!(
+                        "distributed: unexpected control message {other:?} from rank 0"
+                    )));
+                }
             }
         }
     }

@@ -116,6 +116,27 @@ pub fn launched_ranks() -> Option<usize> {
         .find_map(|v| std::env::var(v).ok()?.parse().ok())
 }
 
+/// What a rank other than 0 does with an error that ended its command (`main` prints errors
+/// on rank 0 only). An error met once MPI is running is one every rank met alike (the driver
+/// aborts the job on any other), so it is not printed again. An error met before (a bad flag
+/// or file, which usually every rank meets alike) may be this rank's own, e.g. a device its
+/// host lacks: the rank then joins MPI's start-up, which completes only if rank 0 did not fail
+/// too (otherwise mpirun ends the job on rank 0's exit, and rank 0's line is the one shown),
+/// and ends the job with its own line through MPI_Abort.
+#[cfg(feature = "mpi")]
+pub fn rank_failed(e: &dyn std::fmt::Display) {
+    if ::mpi::environment::is_initialized() {
+        return;
+    }
+    if let Ok(m) = mpi::Mpi::init() {
+        m.abort(e);
+    }
+}
+
+/// Without MPI there is no job to end: nothing to do.
+#[cfg(not(feature = "mpi"))]
+pub fn rank_failed(_e: &dyn std::fmt::Display) {}
+
 /// The error of a non-distributed run under a launcher that started several ranks.
 pub fn check_not_launched() -> Result<()> {
     match launched_ranks() {

@@ -4,7 +4,8 @@
 # times; prints each run's training throughput (metrics.jsonl's images_per_second: training
 # time only, evaluation excluded), the medians and the MPI overhead. Needs a build with
 # `--features mpi` (target/release/sgr) and MNIST in data/.
-# Usage: bash bench/mpi-overhead.sh [REPEATS] [STEPS]   (defaults 3 and 30)
+# Usage: bash bench/mpi-overhead.sh [REPEATS] [STEPS]   (defaults 3 and 30); extra mpirun
+# options in MPIRUN_FLAGS (e.g. "--bind-to none --mca mpi_yield_when_idle 1").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPEATS=${1:-3}
@@ -19,7 +20,8 @@ rate() { python3 -c 'import json,sys; print(json.loads(open(sys.argv[1]).readlin
 threads=(); ranks=()
 for i in $(seq "$REPEATS"); do
   $S "${ARGS[@]}" --out "$RUNS/threads-$i" >/dev/null
-  mpirun -np 2 $S "${ARGS[@]}" --distributed mpi --out "$RUNS/ranks-$i" >/dev/null
+  # shellcheck disable=SC2086
+  mpirun -np 2 ${MPIRUN_FLAGS:-} $S "${ARGS[@]}" --distributed mpi --out "$RUNS/ranks-$i" >/dev/null
   t=$(rate "$RUNS/threads-$i"); r=$(rate "$RUNS/ranks-$i")
   threads+=("$t"); ranks+=("$r")
   printf 'repeat %d: threads %.1f img/s, mpi ranks %.1f img/s\n' "$i" "$t" "$r"

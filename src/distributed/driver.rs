@@ -159,12 +159,27 @@ pub fn train(cfg: &TrainConfig, out: &Path, resume: bool, quiet: bool) -> Result
         let mut runner = RootRunner {
             ranks,
             sent_state: false,
+            timings: vec![StageTiming::default(); cfg.workers],
         };
         return match crate::train::run_with_runner(cfg, &ds, out, resume, quiet, Some(&mut runner))
         {
             Ok(summary) => {
                 for r in 1..m.size() {
                     send_i64s(world, r as i32, TAG_CONTROL, &[CONTROL_STOP]);
+                }
+                if !quiet {
+                    let idle: Vec<String> = runner
+                        .timings
+                        .iter()
+                        .map(|t| format!("{:.0}%", 100.0 * t.idle_fraction()))
+                        .collect();
+                    eprintln!(
+                        "mpi: {} ranks ({} stage(s) × {} replica(s)); time each stage of replica 0 waited on its links: {}",
+                        m.size(),
+                        place.workers,
+                        place.replicas,
+                        idle.join(" ")
+                    );
                 }
                 Ok(Some(summary))
             }
@@ -521,6 +536,8 @@ struct RootRunner<'a> {
     ranks: Ranks<'a>,
     /// Whether the other ranks have rank 0's (possibly resumed) state yet.
     sent_state: bool,
+    /// Replica 0's stages' timings over the run so far.
+    timings: Vec<StageTiming>,
 }
 
 impl SegmentRunner for RootRunner<'_> {
@@ -608,6 +625,10 @@ impl SegmentRunner for RootRunner<'_> {
                 StepStats::concat(per_stage)
             })
             .collect();
+        for (sum, t) in self.timings.iter_mut().zip(&timings) {
+            sum.total += t.total;
+            sum.waiting += t.waiting;
+        }
         if let (true, Some(bar)) = (place.workers > 1, segment.progress) {
             bar.inc(stats.len() as u64);
         }

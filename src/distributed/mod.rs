@@ -83,10 +83,11 @@ pub fn launched_rank() -> Option<usize> {
         .find_map(|v| std::env::var(v).ok()?.parse().ok())
 }
 
-/// What `--distributed mpi` says in a binary built without the `mpi` feature.
+/// What `--distributed mpi` says in a binary built without the `mpi` feature (the same line as
+/// the configuration check's).
 pub fn not_built() -> Error {
     Error::Config(
-        "--distributed mpi: this binary was built without the `mpi` feature; build with `cargo build --release --features mpi`"
+        "--distributed: mpi: this binary was built without the `mpi` feature; build it with `cargo build --release --features mpi`"
             .into(),
     )
 }

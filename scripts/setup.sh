@@ -2,7 +2,9 @@
 # One-time (and safe to re-run) project setup:
 #   1. a project-local virtualenv .venv with the PyPI torch wheel, whose libtorch tch links;
 #   2. the real data sets (MNIST, Fashion-MNIST) into data/, checksums verified;
-#   3. the release binary target/release/sgr.
+#   3. OpenMPI 4.1 and libclang (Debian packages openmpi-bin, libopenmpi-dev, libclang-dev,
+#      pkg-config), for the `mpi` feature (`--distributed mpi`; rsmpi's bindgen needs libclang);
+#   4. the release binary target/release/sgr, with the `mpi` feature.
 # After it, plain `cargo build`, `cargo test` and `cargo run --release -- ...` work with no
 # environment variables: .cargo/config.toml points LIBTORCH at .venv/libtorch and build.rs
 # adds an rpath to its lib folder.
@@ -60,7 +62,29 @@ echo "torch $TORCH_VERSION ($MODE install), venv $(du -sh .venv | cut -f1)"
 step "data sets (data/)"
 DATA_DIR="${DATA_DIR:-data}" bash scripts/fetch-datasets.sh
 
-step "release build (target/release/sgr)"
-cargo build --release
+step "OpenMPI (for --features mpi)"
+# Already installed (also by hand, or another MPI with mpicc and mpirun on PATH): nothing to do.
+# Otherwise Debian's packages, with apt-get as root, as for Fashion-MNIST above.
+mpi_pkgs=(openmpi-bin libopenmpi-dev libclang-dev pkg-config)
+if command -v mpicc >/dev/null 2>&1 && command -v mpirun >/dev/null 2>&1 \
+  && { ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || ls /usr/lib/*/libclang*.so* >/dev/null 2>&1 || [ -n "${LIBCLANG_PATH:-}" ]; }; then
+  echo "MPI present: $(mpirun --version 2>/dev/null | head -n 1)"
+else
+  command -v apt-get >/dev/null 2>&1 || {
+    echo "error: the mpi feature needs an MPI (mpicc, mpirun) and libclang; apt-get not found to install Debian's ${mpi_pkgs[*]}: install an MPI and libclang yourself, or build without MPI (cargo build --release; --distributed mpi is then refused)" >&2
+    exit 1
+  }
+  [ "$(id -u)" = 0 ] || {
+    echo "error: installing ${mpi_pkgs[*]} with apt-get needs root: run scripts/setup.sh as root (or with sudo), or install an MPI and libclang yourself" >&2
+    exit 1
+  }
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${mpi_pkgs[@]}" >/dev/null \
+    || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${mpi_pkgs[@]}" >/dev/null; } \
+    || { echo "error: apt-get install ${mpi_pkgs[*]} failed (see above)" >&2; exit 1; }
+  echo "installed: $(mpirun --version 2>/dev/null | head -n 1)"
+fi
+
+step "release build (target/release/sgr, features mpi)"
+cargo build --release --features mpi
 echo
 echo "setup done: try  target/release/sgr train --data fashion-mnist --model resnet20 --epochs 2 --out runs/first"

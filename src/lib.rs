@@ -11,6 +11,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod diagnostics;
+pub mod distributed;
 pub mod error;
 pub mod memory;
 pub mod metrics;

@@ -85,6 +85,25 @@ enum Command {
     /// that the bad-input checks would notice a panic.
     #[command(hide = true)]
     InternalPanic,
+    /// Internal: under `mpirun -np 2`, send tensors of every kind and pipeline packets from
+    /// rank 0 to rank 1 and back, each rank writing what it received to
+    /// <out>/rank<r>.safetensors; optionally kill or fail a rank on purpose (the tests check that
+    /// the job then ends, non-zero).
+    #[command(hide = true)]
+    InternalMpiSelftest {
+        /// Folder for rank0.safetensors and rank1.safetensors.
+        #[arg(long)]
+        out: PathBuf,
+        /// Then ping-pong until this rank kills itself with SIGKILL.
+        #[arg(long)]
+        kill_rank: Option<usize>,
+        /// Round of the ping-pong at which --kill-rank kills itself.
+        #[arg(long, default_value_t = 10)]
+        kill_after: usize,
+        /// This rank fails with an error instead of taking part.
+        #[arg(long)]
+        fail_rank: Option<usize>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -211,15 +230,23 @@ fn train(
         }
         TrainConfig::resolve(flags, file.as_ref(), None)?
     };
-    // Bad data (missing files, a --holdout larger than the set) fails before the run folder
-    // exists.
-    let ds = sgr::train::load_data(&cfg)?;
-    sgr::train::check_model(&cfg, &ds)?;
-    // Fail on an unwritable folder before any training time is spent.
-    std::fs::create_dir_all(out)
-        .with_context(|| format!("cannot create run folder {}", out.display()))?;
-    sgr::checkpoint::write_atomic(&config_json, &serde_json::to_vec_pretty(&cfg)?)?;
-    let summary = sgr::train::run_with_data(&cfg, &ds, out, resume, quiet)?;
+    let summary = if cfg.distributed == config::Distributed::Mpi {
+        match train_mpi(&cfg, out, resume, quiet)? {
+            Some(summary) => summary,
+            None => return Ok(()), // not rank 0: rank 0 reports
+        }
+    } else {
+        sgr::distributed::check_not_launched()?;
+        // Bad data (missing files, a --holdout larger than the set) fails before the run
+        // folder exists.
+        let ds = sgr::train::load_data(&cfg)?;
+        sgr::train::check_model(&cfg, &ds)?;
+        // Fail on an unwritable folder before any training time is spent.
+        std::fs::create_dir_all(out)
+            .with_context(|| format!("cannot create run folder {}", out.display()))?;
+        sgr::checkpoint::write_atomic(&config_json, &serde_json::to_vec_pretty(&cfg)?)?;
+        sgr::train::run_with_data(&cfg, &ds, out, resume, quiet)?
+    };
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
     let device = summary
         .peak_device_bytes
@@ -238,6 +265,29 @@ fn train(
         out.join("summary.json").display()
     );
     Ok(())
+}
+
+/// `--distributed mpi`: this process is one rank of the job (see `sgr::distributed`); the
+/// summary on rank 0.
+#[cfg(feature = "mpi")]
+fn train_mpi(
+    cfg: &TrainConfig,
+    out: &Path,
+    resume: bool,
+    quiet: bool,
+) -> Result<Option<sgr::train::Summary>> {
+    Ok(sgr::distributed::train(cfg, out, resume, quiet)?)
+}
+
+/// Without the `mpi` feature the configuration check refuses `--distributed mpi` first.
+#[cfg(not(feature = "mpi"))]
+fn train_mpi(
+    _cfg: &TrainConfig,
+    _out: &Path,
+    _resume: bool,
+    _quiet: bool,
+) -> Result<Option<sgr::train::Summary>> {
+    Err(sgr::distributed::not_built().into())
 }
 
 /// What `sgr eval --json` prints.
@@ -516,6 +566,23 @@ fn run(cli: Cli) -> Result<()> {
         } => sweep(&preset, out, dry_run, jobs, device),
         Command::Report { dir, out } => report(&dir, out),
         Command::InternalPanic => panic!("deliberate panic (sgr internal-panic)"),
+        Command::InternalMpiSelftest {
+            out,
+            kill_rank,
+            kill_after,
+            fail_rank,
+        } => {
+            let opts = sgr::distributed::SelftestOptions {
+                out,
+                kill_rank,
+                kill_after,
+                fail_rank,
+            };
+            if let Some(msg) = sgr::distributed::selftest(&opts)? {
+                println!("{msg}");
+            }
+            Ok(())
+        }
         Command::Bench { command } => match *command {
             BenchCommand::Data(args) => bench_data(&args),
             BenchCommand::Memory(mut args) => {
@@ -598,8 +665,21 @@ fn main() -> ExitCode {
             eprintln!("stack backtrace:\n{trace}");
         }
     }));
-    match run(Cli::parse()) {
+    // Under mpirun every rank parses the same flags and reads the same files, so an error
+    // before the ranks part ways is usually the same on each: rank 0 alone prints it, and
+    // another rank only when rank 0 did not fail (see `sgr::distributed::rank_failed`).
+    let quiet_rank = sgr::distributed::launched_rank().is_some_and(|r| r > 0);
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if quiet_rank => return ExitCode::from(e.exit_code() as u8),
+        Err(e) => e.exit(),
+    };
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if quiet_rank => {
+            sgr::distributed::rank_failed(&format!("{e:#}"));
+            ExitCode::FAILURE
+        }
         Err(e) => {
             eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
             ExitCode::FAILURE

@@ -346,6 +346,20 @@ pub fn run_with_data(
     resume: bool,
     quiet: bool,
 ) -> Result<Summary> {
+    run_with_runner(cfg, ds, out, resume, quiet, None)
+}
+
+/// [`run_with_data`], with the pipeline's segments run by `runner` instead of threads in this
+/// process (`--distributed mpi`: rank 0 runs this trainer, the other stages run on other ranks;
+/// see [`crate::distributed`]).
+pub fn run_with_runner(
+    cfg: &TrainConfig,
+    ds: &Dataset,
+    out: &Path,
+    resume: bool,
+    quiet: bool,
+    mut runner: Option<&mut dyn crate::distributed::SegmentRunner>,
+) -> Result<Summary> {
     if cfg.threads > 0 {
         tch::set_num_threads(cfg.threads as i32);
     }
@@ -357,8 +371,8 @@ pub fn run_with_data(
     let meter = Meter::start();
     let mut last_eval = None;
     for epoch in state.epoch..cfg.epochs {
-        let (totals, seconds, lrs) = if trainer.stages.len() > 1 {
-            trainer.train_epoch_pipelined(epoch, &mut state)?
+        let (totals, seconds, lrs) = if trainer.stages.len() > 1 || runner.is_some() {
+            trainer.train_epoch_pipelined(epoch, &mut state, runner.as_deref_mut())?
         } else {
             trainer.train_epoch(epoch, &mut state)?
         };
@@ -637,6 +651,7 @@ impl<'a> Trainer<'a> {
         &mut self,
         epoch: usize,
         state: &mut TrainState,
+        mut runner: Option<&mut (dyn crate::distributed::SegmentRunner + '_)>,
     ) -> Result<(EpochTotals, f64, [f64; 2])> {
         let cfg = self.cfg;
         let (mut batches, steps, bar) = self.epoch_batches(epoch);
@@ -662,7 +677,7 @@ impl<'a> Trainer<'a> {
                 lr_at: &lr_at,
                 progress: Some(&bar),
             };
-            let feed = std::iter::once(first)
+            let mut feed = std::iter::once(first)
                 .chain(batches.by_ref().take(len - 1))
                 .enumerate()
                 .map(|(j, mut batch)| {
@@ -671,16 +686,28 @@ impl<'a> Trainer<'a> {
                     }
                     (done + j, batch)
                 });
-            let stats = pipeline::run_segment(
-                cfg,
-                &self.net,
-                &*self.rule,
-                &self.stages,
-                &self.devices,
-                &mut self.opts,
-                &segment,
-                feed,
-            )
+            let stats = match runner.as_deref_mut() {
+                Some(runner) => runner.run_segment(
+                    cfg,
+                    &self.net,
+                    &*self.rule,
+                    &self.stages,
+                    &self.devices,
+                    &mut self.opts,
+                    &segment,
+                    &mut feed,
+                ),
+                None => pipeline::run_segment(
+                    cfg,
+                    &self.net,
+                    &*self.rule,
+                    &self.stages,
+                    &self.devices,
+                    &mut self.opts,
+                    &segment,
+                    feed,
+                ),
+            }
             .map_err(|e| match e {
                 Error::NonFinite(what) => Error::NonFinite(format!(
                     "{what}; {} — lower --lr",

@@ -32,7 +32,7 @@ fn synthetic() -> Dataset {
 
 /// Every tensor of the two runs' checkpoints (weights, buffers, optimizer state) is equal, bit
 /// for bit, and so is every epoch's record.
-fn assert_same_run(a: &Path, b: &Path, what: &str) {
+pub fn assert_same_run(a: &Path, b: &Path, what: &str) {
     let (va, ma, sa) = sgr::checkpoint::load(&a.join("checkpoint.safetensors")).unwrap();
     let (vb, mb, sb) = sgr::checkpoint::load(&b.join("checkpoint.safetensors")).unwrap();
     assert_eq!(sa.unwrap().global_step, sb.unwrap().global_step, "{what}");

@@ -8,6 +8,10 @@ mod imagefolder;
 mod imagenet_resnet;
 mod local_loss;
 mod model;
+#[cfg(feature = "mpi")]
+mod mpi;
+#[cfg(not(feature = "mpi"))]
+mod no_mpi;
 mod pipeline;
 mod precision;
 mod reference;

@@ -488,3 +488,23 @@ fn mpi_an_error_of_one_rank_only_is_its_line_and_no_run_folder() {
     assert!(!run.exists(), "a run folder was written");
     assert_no_panic(&job.stderr);
 }
+
+/// Replicas of a 2-stage pipeline (4 ranks: stage-0 shares fed to rank 2, each stage's
+/// gradients averaged on its own communicator) compute what replicas of the whole network on
+/// one stage each compute, bit for bit: the pipeline stays exact under data parallelism.
+#[test]
+fn mpi_replicas_of_a_pipeline_equal_replicas_of_one_stage() {
+    let tmp = tempfile::tempdir().unwrap();
+    let flags = "--model resnet20 --rule sgr --modules 2 --epochs 1 --max-steps-per-epoch 3 \
+        --diag-every 2 --replicas 2 --distributed mpi";
+    let mut runs = Vec::new();
+    for workers in [1usize, 2] {
+        let run = tmp.path().join(format!("w{workers}"));
+        let w = workers.to_string();
+        let mut extra: Vec<&str> = flags.split_whitespace().collect();
+        extra.extend(["--workers", &w]);
+        mpirun_ok(2 * workers, &train_args(&run, &extra), tmp.path());
+        runs.push(run);
+    }
+    crate::pipeline::assert_same_run(&runs[0], &runs[1], "R=2 with W=1 and W=2");
+}

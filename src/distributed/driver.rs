@@ -154,6 +154,12 @@ pub fn train(cfg: &TrainConfig, out: &Path, resume: bool, quiet: bool) -> Result
     };
     if cfg.threads > 0 {
         tch::set_num_threads(cfg.threads as i32);
+    } else {
+        // libtorch's default is one thread per core in every process: the ranks on one host
+        // share its cores instead, as the in-process pipeline's stages do.
+        let local = world.split_shared(place.rank as i32).size().max(1) as usize;
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        tch::set_num_threads((cores / local).max(1) as i32);
     }
     if let Some(ds) = data {
         let mut runner = RootRunner {

@@ -278,50 +278,62 @@ fn non_finite(stage: &mut Stage, step: &StepStats) -> Option<String> {
     ))
 }
 
-/// The modules of each of `workers` stages: contiguous ranges of the K modules, as even as
-/// possible in units (the largest stage is as small as it can be; ties put the extra modules
-/// last, where the feature maps are smallest). With `workers == K` every module is a stage, so
-/// the module split (`--split`) alone sets the balance.
-pub fn stage_modules(module_units: &[usize], workers: usize) -> Vec<Range<usize>> {
-    let k = module_units.len();
-    let workers = workers.clamp(1, k.max(1));
-    // The smallest bound on a stage's units that a greedy cut from the back can meet with
-    // `workers` stages.
-    let total: usize = module_units.iter().sum();
-    let fits = |bound: usize| -> Option<Vec<Range<usize>>> {
-        let mut ranges = Vec::new();
-        let mut end = k;
-        while end > 0 {
-            if ranges.len() + 1 == workers {
-                ranges.push(0..end);
-                break;
+/// The contiguous grouping of K modules of costs `costs` into `workers` stages whose costliest
+/// stage costs least (what bounds a pipeline's throughput), and that cost. Exact (dynamic
+/// programming over split points, O(K²·W)); among equally good groupings the one with the
+/// longest last stages, where feature maps are smallest. `workers` is clamped to 1..=K.
+pub fn balanced_stages(costs: &[f64], workers: usize) -> (Vec<Range<usize>>, f64) {
+    let k = costs.len();
+    if k == 0 {
+        return (Vec::new(), 0.0);
+    }
+    let w = workers.clamp(1, k);
+    // best[i][s]: the least possible costliest stage for modules 0..i in s stages, and where
+    // its last stage starts.
+    let mut best = vec![vec![(f64::INFINITY, 0usize); w + 1]; k + 1];
+    best[0][0] = (0.0, 0);
+    for i in 1..=k {
+        for s in 1..=w.min(i) {
+            let mut stage = 0.0;
+            for j in (s - 1..i).rev() {
+                stage += costs[j];
+                let candidate = best[j][s - 1].0.max(stage);
+                // `<=` while j falls: the earliest start wins ties, so later stages are longer.
+                if candidate <= best[i][s].0 {
+                    best[i][s] = (candidate, j);
+                }
             }
-            // Leave at least one module for each stage still to come.
-            let min_start = workers - ranges.len() - 1;
-            let mut start = end - 1;
-            let mut units = module_units[start];
-            while start > min_start && units + module_units[start - 1] <= bound {
-                start -= 1;
-                units += module_units[start];
-            }
-            ranges.push(start..end);
-            end = start;
         }
-        let ok = ranges.len() == workers
-            && ranges
-                .iter()
-                .all(|r| module_units[r.clone()].iter().sum::<usize>() <= bound);
-        ok.then(|| ranges.into_iter().rev().collect())
-    };
-    (1..=total)
-        .find_map(fits)
-        .unwrap_or_else(|| (0..k).map(|i| i..i + 1).collect())
+    }
+    let mut ranges = Vec::with_capacity(w);
+    let mut end = k;
+    for s in (1..=w).rev() {
+        let start = best[end][s].1;
+        ranges.push(start..end);
+        end = start;
+    }
+    ranges.reverse();
+    (ranges, best[k][w].0)
 }
 
-/// The stages of `net` for `cfg.workers` workers.
+/// The stages of `net` for `cfg.workers` workers: [`balanced_stages`] over each module's
+/// activation bytes, times the rule's penalty factor where SGR regularises (the estimate
+/// `--split balanced-memory` balances; a proxy for the module's time).
+/// With W = K every module is a stage, so the module split (`--split`) alone sets the balance;
+/// `sgr bench pipeline` reports the grouping that measured module times would choose.
 pub fn stages_of(cfg: &TrainConfig, net: &SplitNet) -> Vec<Range<usize>> {
-    let units: Vec<usize> = net.module_ranges().iter().map(|r| r.len()).collect();
-    stage_modules(&units, cfg.workers)
+    let penalty = net.spec.penalty_cost;
+    let costs: Vec<f64> = (0..net.num_modules())
+        .map(|k| {
+            let bytes = net.module_activation_bytes(k, 1) as f64;
+            match penalty {
+                // Module numbers are 1-based in `from`.
+                Some(p) if k + 1 >= p.from => bytes * p.factor,
+                _ => bytes,
+            }
+        })
+        .collect();
+    balanced_stages(&costs, cfg.workers).0
 }
 
 /// The device of every stage: `--devices`, or `--device` for all of them.
@@ -594,34 +606,38 @@ pub fn run_segment(
 mod tests {
     use super::*;
 
-    fn sizes(ranges: &[Range<usize>], units: &[usize]) -> Vec<usize> {
+    fn sizes(ranges: &[Range<usize>], costs: &[f64]) -> Vec<f64> {
         ranges
             .iter()
-            .map(|r| units[r.clone()].iter().sum())
+            .map(|r| costs[r.clone()].iter().sum())
             .collect()
     }
 
     #[test]
-    fn stages_are_contiguous_cover_every_module_and_balance_units() {
-        for (units, workers, want) in [
-            (vec![4, 4], 2, vec![4, 4]),
-            (vec![1, 1, 1, 1], 2, vec![2, 2]),
-            (vec![3, 1, 1, 1], 2, vec![3, 3]),
-            (vec![1, 1, 1, 1, 1], 2, vec![2, 3]),
-            // Only the largest stage counts for throughput: the rest go to the back.
-            (vec![5, 1, 1, 1, 1], 3, vec![5, 1, 3]),
-            (vec![2, 2, 2], 3, vec![2, 2, 2]),
-            (vec![2, 2, 2], 1, vec![6]),
+    fn stages_are_contiguous_cover_every_module_and_minimise_the_costliest() {
+        for (costs, workers, want) in [
+            (vec![4.0, 4.0], 2, vec![4.0, 4.0]),
+            (vec![1.0, 1.0, 1.0, 1.0], 2, vec![2.0, 2.0]),
+            (vec![3.0, 1.0, 1.0, 1.0], 2, vec![3.0, 3.0]),
+            (vec![1.0, 1.0, 1.0, 1.0, 1.0], 2, vec![2.0, 3.0]),
+            // Only the costliest stage bounds throughput; ties give the back stages more.
+            (vec![5.0, 1.0, 1.0, 1.0, 1.0], 3, vec![5.0, 1.0, 3.0]),
+            (vec![223.0, 194.0, 295.0, 339.0], 2, vec![417.0, 634.0]),
+            (vec![2.0, 2.0, 2.0], 3, vec![2.0, 2.0, 2.0]),
+            (vec![2.0, 2.0, 2.0], 1, vec![6.0]),
+            (vec![2.0, 2.0], 5, vec![2.0, 2.0]),
         ] {
-            let stages = stage_modules(&units, workers);
-            assert_eq!(stages.len(), workers, "{units:?} into {workers}");
+            let (stages, worst) = balanced_stages(&costs, workers);
+            assert_eq!(stages.len(), workers.min(costs.len()), "{costs:?}");
             assert_eq!(stages[0].start, 0);
-            assert_eq!(stages.last().unwrap().end, units.len());
+            assert_eq!(stages.last().unwrap().end, costs.len());
             for pair in stages.windows(2) {
                 assert_eq!(pair[0].end, pair[1].start);
                 assert!(!pair[0].is_empty());
             }
-            assert_eq!(sizes(&stages, &units), want, "{units:?} into {workers}");
+            let got = sizes(&stages, &costs);
+            assert_eq!(got, want, "{costs:?} into {workers}");
+            assert_eq!(worst, got.iter().cloned().fold(0.0, f64::max));
         }
     }
 

@@ -187,27 +187,11 @@ fn pipelined(cfg: &TrainConfig, args: &GridArgs) -> Result<(f64, Vec<f64>)> {
 /// The speedup that per-module times `t` predict for `w` workers: Σt over the slowest stage
 /// of the best contiguous grouping of the modules into `w` stages (`None` if w > K).
 pub fn predicted_speedup(t: &[f64], w: usize) -> Option<f64> {
-    let k = t.len();
-    if w == 0 || w > k {
+    if w == 0 || w > t.len() {
         return None;
     }
-    let total: f64 = t.iter().sum();
-    // best[i][s]: the smallest possible slowest stage for the first i modules in s stages.
-    let mut best = vec![vec![f64::INFINITY; w + 1]; k + 1];
-    best[0][0] = 0.0;
-    for i in 1..=k {
-        for s in 1..=w.min(i) {
-            let mut stage = 0.0;
-            for j in (s - 1..i).rev() {
-                stage += t[j];
-                let candidate = best[j][s - 1].max(stage);
-                if candidate < best[i][s] {
-                    best[i][s] = candidate;
-                }
-            }
-        }
-    }
-    (best[k][w] > 0.0).then(|| total / best[k][w])
+    let (_, slowest) = pipeline::balanced_stages(t, w);
+    (slowest > 0.0).then(|| t.iter().sum::<f64>() / slowest)
 }
 
 /// Runs `sgr bench pipeline`: for every rule and K of the grid, W = `--workers` (default 2,

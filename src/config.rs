@@ -616,11 +616,8 @@ impl TrainConfig {
                 "data-parallel replicas run as MPI ranks: add --distributed mpi".into(),
             );
         }
-        if self.distributed == Distributed::Mpi && !cfg!(feature = "mpi") {
-            return fail(
-                "distributed",
-                "mpi: this binary was built without the `mpi` feature; build it with `cargo build --release --features mpi`".into(),
-            );
+        if self.distributed == Distributed::Mpi && !crate::distributed::AVAILABLE {
+            return Err(crate::distributed::not_built());
         }
         if !self.devices.is_empty() && self.devices.len() != self.workers {
             return fail(

@@ -219,92 +219,52 @@ fn bad_pipeline_options_give_one_clear_error_and_no_run_folder() {
         args.extend(extra.iter().map(|s| s.to_string()));
         args
     };
+    // Every case trains dgl on K=2; `two` adds --workers 2 and the case's own flags.
+    let one = |extra: &[&'static str]| -> Vec<&'static str> {
+        ["--rule", "dgl", "--modules", "2"]
+            .iter()
+            .chain(extra)
+            .copied()
+            .collect()
+    };
+    let two = |extra: &[&'static str]| -> Vec<&'static str> {
+        one(&["--workers", "2"])
+            .into_iter()
+            .chain(extra.iter().copied())
+            .collect()
+    };
     let mut cases: Vec<(Vec<&str>, &str)> = vec![
         (
-            vec!["--rule", "dgl", "--modules", "2", "--workers", "3"],
+            one(&["--workers", "3"]),
             "--workers: 3: more workers than the 2 module(s)",
         ),
         (
             vec!["--rule", "bp", "--modules", "2", "--workers", "2"],
             "--workers: 2: rule bp",
         ),
+        (one(&["--workers", "0"]), "--workers: must be at least 1"),
         (
-            vec!["--rule", "dgl", "--modules", "2", "--workers", "0"],
-            "--workers: must be at least 1",
-        ),
-        (
-            vec![
-                "--rule",
-                "dgl",
-                "--modules",
-                "2",
-                "--workers",
-                "2",
-                "--devices",
-                "cpu",
-            ],
+            two(&["--devices", "cpu"]),
             "--devices: 1 device(s) for 2 worker(s)",
         ),
+        (two(&["--devices", "cpu,cuda:7"]), "--devices: `cuda:7`"),
         (
-            vec![
-                "--rule",
-                "dgl",
-                "--modules",
-                "2",
-                "--workers",
-                "2",
-                "--devices",
-                "cpu,cuda:7",
-            ],
-            "--devices: `cuda:7`",
-        ),
-        (
-            vec![
-                "--rule",
-                "dgl",
-                "--modules",
-                "2",
-                "--workers",
-                "2",
-                "--devices",
-                "cpu,tpu",
-            ],
+            two(&["--devices", "cpu,tpu"]),
             "--devices: `tpu` is not a device",
         ),
         (
-            vec!["--rule", "dgl", "--modules", "2", "--replicas", "2"],
+            one(&["--replicas", "2"]),
             "--replicas: data-parallel replicas run as MPI ranks",
         ),
+        (two(&["--precision", "fp16"]), "--workers: 2: fp16"),
         (
-            vec![
-                "--rule",
-                "dgl",
-                "--modules",
-                "2",
-                "--workers",
-                "2",
-                "--precision",
-                "fp16",
-            ],
-            "--workers: 2: fp16",
-        ),
-        (
-            vec![
-                "--rule",
-                "dgl",
-                "--modules",
-                "2",
-                "--workers",
-                "2",
-                "--on-nan",
-                "skip-batch",
-            ],
+            two(&["--on-nan", "skip-batch"]),
             "--workers: 2: --on-nan skip-batch",
         ),
     ];
     if !cfg!(feature = "mpi") {
         cases.push((
-            vec!["--rule", "dgl", "--modules", "2", "--distributed", "mpi"],
+            one(&["--distributed", "mpi"]),
             "--distributed: mpi: this binary was built without the `mpi` feature",
         ));
     }

@@ -231,7 +231,8 @@ pub fn run_stage(
         }
         drop(scope);
         let step = record.finish();
-        if let Some(what) = non_finite(stage, &step) {
+        let modules = stage.modules.clone();
+        if let Some(what) = crate::train::non_finite(net, modules, &step, stage.opt) {
             return Err(Error::NonFinite(format!(
                 "training diverged at epoch {}, step {}: {what}",
                 segment.epoch + 1,
@@ -251,31 +252,6 @@ pub fn run_stage(
     stage.timing.total += started.elapsed().as_secs_f64();
     stage.timing.waiting += waiting;
     Ok(stats)
-}
-
-/// Where a stage's step went non-finite, or `None` if all is finite.
-fn non_finite(stage: &mut Stage, step: &StepStats) -> Option<String> {
-    let first = stage.modules.start;
-    if let Some(k) = step.module_losses.iter().position(|l| !l.is_finite()) {
-        return Some(format!(
-            "the loss of module {} is {}",
-            first + k + 1,
-            step.module_losses[k]
-        ));
-    }
-    if stage.opt.grads_finite() {
-        return None;
-    }
-    let bad = stage.modules.clone().find(|&k| {
-        stage.net.module_variables(k, true).iter().any(|(_, t)| {
-            let g = t.grad();
-            g.defined() && !bool::try_from(g.isfinite().all()).unwrap_or(false)
-        })
-    });
-    Some(format!(
-        "a gradient of module {} is not finite",
-        bad.map_or(first, |k| k) + 1
-    ))
 }
 
 /// The contiguous grouping of K modules of costs `costs` into `workers` stages whose costliest
@@ -384,6 +360,24 @@ pub fn place(net: &SplitNet, stages: &[Range<usize>], devices: &[Device]) {
             }
         }
     });
+}
+
+/// A run's stages, each stage's device and each stage's optimizer ([`set_up`]).
+pub type Stages = (Vec<Range<usize>>, Vec<Device>, Vec<Optimizer>);
+
+/// What a run on `cfg.workers` workers needs besides the net: its stages, each stage's
+/// device (the net's variables are moved there) and each stage's optimizer (one over every
+/// variable for a single stage, as without a pipeline).
+pub fn set_up(cfg: &TrainConfig, net: &SplitNet) -> Result<Stages> {
+    let stages = stages_of(cfg, net);
+    let devices = stage_devices(cfg)?;
+    place(net, &stages, &devices);
+    let opts = if stages.len() == 1 {
+        vec![crate::train::build_optimizer(cfg, net)]
+    } else {
+        stage_optimizers(cfg, net, &stages)
+    };
+    Ok((stages, devices, opts))
 }
 
 /// One optimizer per stage, over the variables of that stage's modules.

@@ -255,19 +255,26 @@ fn discard_batch(opt: &mut Optimizer, buffers: &mut Option<Vec<(Tensor, Tensor)>
     }
 }
 
-/// Where in the run a non-finite value appeared, or `None` if all is finite.
-fn non_finite(net: &SplitNet, stats: &StepStats, opt: &mut Optimizer) -> Option<String> {
+/// Where in the run a non-finite value appeared, or `None` if all is finite: `stats` and `opt`
+/// cover `modules` (all of them, or a pipeline stage's).
+pub(crate) fn non_finite(
+    net: &SplitNet,
+    modules: std::ops::Range<usize>,
+    stats: &StepStats,
+    opt: &mut Optimizer,
+) -> Option<String> {
+    let first = modules.start;
     if let Some(k) = stats.module_losses.iter().position(|l| !l.is_finite()) {
         return Some(format!(
             "the loss of module {} is {}",
-            k + 1,
+            first + k + 1,
             stats.module_losses[k]
         ));
     }
     if opt.grads_finite() {
         return None;
     }
-    let bad = (0..net.num_modules()).find(|&k| {
+    let bad = modules.clone().find(|&k| {
         net.module_variables(k, true).iter().any(|(_, t)| {
             let g = t.grad();
             g.defined() && !bool::try_from(g.isfinite().all()).unwrap_or(false)
@@ -444,14 +451,7 @@ struct Trainer<'a> {
 impl<'a> Trainer<'a> {
     fn new(cfg: &'a TrainConfig, ds: &'a Dataset, out: &'a Path, quiet: bool) -> Result<Self> {
         let net = build_net(cfg, ds)?;
-        let stages = pipeline::stages_of(cfg, &net);
-        let devices = pipeline::stage_devices(cfg)?;
-        pipeline::place(&net, &stages, &devices);
-        let opts = if stages.len() == 1 {
-            vec![build_optimizer(cfg, &net)]
-        } else {
-            pipeline::stage_optimizers(cfg, &net, &stages)
-        };
+        let (stages, devices, opts) = pipeline::set_up(cfg, &net)?;
         Ok(Trainer {
             stages,
             devices,
@@ -789,7 +789,7 @@ impl<'a> Trainer<'a> {
                 discard_batch(opt, &mut buffers);
                 continue;
             }
-            if let Some(what) = non_finite(&self.net, &stats, opt) {
+            if let Some(what) = non_finite(&self.net, 0..self.net.num_modules(), &stats, opt) {
                 let msg = format!(
                     "training diverged at epoch {}, step {}: {what}; {hint} — lower --lr or pass --on-nan skip-batch",
                     epoch + 1,

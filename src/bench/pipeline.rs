@@ -128,10 +128,7 @@ fn sequential(
 fn pipelined(cfg: &TrainConfig, args: &GridArgs) -> Result<(f64, Vec<f64>)> {
     tch::set_num_threads(1);
     let net = net_for(cfg, args)?;
-    let stages = pipeline::stages_of(cfg, &net);
-    let devices = pipeline::stage_devices(cfg)?;
-    pipeline::place(&net, &stages, &devices);
-    let mut opts = pipeline::stage_optimizers(cfg, &net, &stages);
+    let (stages, devices, mut opts) = pipeline::set_up(cfg, &net)?;
     let rule = rules::build_with(cfg.rule, &cfg.sgr(), &cfg.fg());
     let batch = batch_for(cfg, args, devices[0]);
     let (warmup, steps) = (args.bench.warmup, args.bench.steps);
